@@ -1,12 +1,15 @@
 """Small patches that make ppdiffusers 0.29 usable on Paddle 3.x, applied once on import.
 
 1. Paddle 3's ``nn.ParameterDict`` has no ``keys()/items()/values()``; ``ppdiffusers.peft`` calls them.
-2. ppdiffusers' attention processors call ``F.scaled_dot_product_attention_`` (layout
+2. Importing ppdiffusers sets ``np.bool = bool`` (a numpy 1.x workaround); under numpy 2 that breaks
+   ``np.testing`` and any code that uses ``np.bool`` as the numpy boolean type. It is restored to ``np.bool_``.
+3. ppdiffusers' attention processors call ``F.scaled_dot_product_attention_`` (layout
    ``[B, L, heads, head_dim]``), which ppdiffusers defines only when fused GPU attention exists.
    The fallback below computes softmax(q k^T * scale + mask) v exactly, on any device and dtype.
 """
 import math
 
+import numpy as np
 import paddle
 import paddle.nn.functional as F
 
@@ -61,6 +64,10 @@ def apply():
     if _APPLIED:
         return
     _patch_parameter_dict()
+    import ppdiffusers  # noqa: F401  (its import rebinds np.bool)
+
+    if np.lib.NumpyVersion(np.__version__) >= "2.0.0":
+        np.bool = np.bool_
     if not hasattr(F, "scaled_dot_product_attention_"):
         F.scaled_dot_product_attention_ = attention_blhd
     _APPLIED = True
