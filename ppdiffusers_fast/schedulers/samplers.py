@@ -1,0 +1,98 @@
+"""Samplers as plain functions over ``schedules`` (k-diffusion style), and the few-step sigmas of a student.
+
+``sample_euler(velocity_fn, x, sigmas)`` integrates the flow ODE ``dx/ds = v(x, s)`` from ``sigmas[0]``
+down to ``sigmas[-1]`` with Euler steps ``x_{s'} = x_s + (s' - s) * v`` (ALGORITHMS.md, Notation).
+A distilled K-phase student samples with the phase-edge sigmas ``1 -> ... -> 0`` (ALGORITHMS.md,
+"Solver grid and phases"), computed for the requested resolution by :func:`few_step_sigmas`.
+"""
+import numbers
+
+import numpy as np
+import paddle
+
+from .. import schedules
+
+__all__ = ["sample_euler", "few_step_sigmas"]
+
+
+def _as_level_list(sigmas):
+    if isinstance(sigmas, paddle.Tensor):
+        values = sigmas.astype("float64").numpy().reshape([-1]).tolist()
+    else:
+        values = [float(s) for s in np.asarray(sigmas, dtype=np.float64).reshape([-1])]
+    if len(values) < 2:
+        raise ValueError(f"sigmas needs at least 2 levels (start and end), got {values}")
+    if any(not 0.0 <= s <= 1.0 for s in values):
+        raise ValueError(f"sigmas must lie in [0, 1], got {values}")
+    if any(b >= a for a, b in zip(values[:-1], values[1:])):
+        raise ValueError(f"sigmas must strictly decrease, got {values}")
+    return values
+
+
+def sample_euler(velocity_fn, x, sigmas, callback=None):
+    """Euler integration of the flow ODE over ``sigmas`` (k-diffusion's ``sample_euler`` for velocities).
+
+    For each consecutive pair ``(s, s')``: ``v = velocity_fn(x, s_batch)``, ``x <- x + (s' - s) * v``.
+    The update is done in float32 and cast back to ``x``'s dtype (as diffusers' scheduler does).
+
+    Args:
+        velocity_fn: ``(x [B, ...], sigma [B] float32) -> v [B, ...]``.
+        x: ``[B, ...]`` start sample at level ``sigmas[0]`` (pure noise when ``sigmas[0] = 1``).
+        sigmas: strictly decreasing levels in [0, 1] (list, numpy array or paddle tensor ``[n + 1]``).
+        callback: optional ``callback(info)`` after each step with ``info`` a dict of ``i``, ``sigma``,
+            ``sigma_next``, ``x`` (the new sample), ``velocity`` and ``denoised`` (``x0 = x_s - s * v``).
+    Returns:
+        ``[B, ...]`` sample at level ``sigmas[-1]``.
+    """
+    levels = _as_level_list(sigmas)
+    batch = x.shape[0]
+    for i, (sigma, sigma_next) in enumerate(zip(levels[:-1], levels[1:])):
+        sigma_batch = paddle.full([batch], sigma, dtype="float32")
+        velocity = velocity_fn(x, sigma_batch)
+        if list(velocity.shape) != list(x.shape):
+            raise ValueError(f"velocity_fn returned shape {list(velocity.shape)} for a sample of shape {list(x.shape)}")
+        x_f32, v_f32 = x.astype("float32"), velocity.astype("float32")
+        x_next = schedules.euler_step(x_f32, sigma, sigma_next, v_f32).astype(x.dtype)
+        if callback is not None:
+            callback({"i": i, "sigma": sigma, "sigma_next": sigma_next, "x": x_next, "velocity": velocity,
+                      "denoised": schedules.x0_from_velocity(x_f32, sigma, v_f32)})
+        x = x_next
+    return x
+
+
+_REQUIRED_KEYS = ("num_inference_steps", "multiphase", "num_euler_timesteps")
+
+
+def few_step_sigmas(sampling_metadata, height, width, vae_scale_factor=8, dtype="float32"):
+    """Phase-edge sigmas of a K-phase student at the requested resolution, descending from 1 to 0.
+
+    ``mu = resolution_mu(image_seq_len(height, width))`` and ``sigmas = phase_sigmas(K, N, mu)``: the same
+    grid ``sigma_i = shift(i / N; mu)`` and edges the student was trained on, with the shift of this
+    resolution (not a grid fixed at 1024x1024).
+
+    Args:
+        sampling_metadata: dict stored with the LoRA, with ``num_inference_steps`` (must equal
+            ``multiphase``: one Euler jump per phase), ``multiphase`` (K) and ``num_euler_timesteps`` (N).
+        height, width: image size in pixels (multiples of 16).
+    Returns:
+        paddle tensor ``[K + 1]``.
+    """
+    if not isinstance(sampling_metadata, dict):
+        raise ValueError(f"sampling_metadata must be a dict, got {type(sampling_metadata).__name__}")
+    missing = [key for key in _REQUIRED_KEYS if key not in sampling_metadata]
+    if missing:
+        raise KeyError(f"sampling metadata lacks {missing} (has {sorted(sampling_metadata)})")
+    values = {}
+    for key in _REQUIRED_KEYS:
+        value = sampling_metadata[key]
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)  # metadata read back from safetensors headers holds strings
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"sampling metadata {key} must be a positive integer, got {sampling_metadata[key]!r}")
+        values[key] = int(value)
+    if values["num_inference_steps"] != values["multiphase"]:
+        raise ValueError(
+            f"num_inference_steps ({values['num_inference_steps']}) must equal multiphase ({values['multiphase']}): "
+            "a phased student takes one Euler jump per phase")
+    mu = schedules.resolution_mu(schedules.image_seq_len(height, width, vae_scale_factor))
+    return schedules.phase_sigmas(values["multiphase"], values["num_euler_timesteps"], mu, dtype=dtype)
