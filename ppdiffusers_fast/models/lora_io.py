@@ -1,0 +1,482 @@
+"""LoRA files: our own format (exact round trip) and interchange with diffusers / PEFT / kohya FLUX LoRAs.
+
+Our format (:func:`save_lora` / :func:`load_lora`): safetensors with ``<module>.lora_A [in, rank]`` and
+``<module>.lora_B [rank, out]`` in Paddle layout, exactly as held by the model, and string metadata
+``lora_format="ppdiffusers_fast"``, ``rank``, ``alpha``, ``dropout``, ``target_modules`` (JSON list of module names),
+``rank_pattern`` / ``alpha_pattern`` (JSON ``{module: value}`` for modules that differ) and ``sampling`` (JSON dict of
+the few-step sampling settings: num_inference_steps, multiphase, num_euler_timesteps, guidance_scale, lora_scale).
+
+diffusers layout (:func:`export_diffusers_lora`): ``transformer.<module>.lora_A.weight [rank, in]`` and
+``transformer.<module>.lora_B.weight [out, rank]`` (PyTorch orientation). diffusers has no alpha key for FLUX
+LoRAs (it takes alpha = rank), so ``alpha / rank`` is folded into ``lora_B``, and an adapter with mixed ranks is
+zero-padded to one rank (diffusers infers a single alpha from the ranks).
+
+Import (:func:`import_lora`) detects the style from the keys:
+
+- diffusers / PEFT: ``[base_model.model.][transformer.]<module>.lora_A.weight`` / ``.lora_B.weight`` and optional
+  ``<module>.alpha``. Alpha comes from the ``.alpha`` key, else from the ``lora_adapter_metadata`` (or an
+  ``adapter_config.json`` beside the file: ``lora_alpha``, ``alpha_pattern``, ``use_rslora``), else alpha = rank.
+- kohya / sd-scripts with the original BFL FLUX names: ``lora_unet_<name>.lora_down.weight [rank, in]``,
+  ``.lora_up.weight [out, rank]``, optional ``.alpha`` (default rank). Mapping (``N`` = block index):
+
+  ===========================================  ==========================================================
+  ``double_blocks_N_img_attn_qkv``             ``transformer_blocks.N.attn.to_q / to_k / to_v`` (fused)
+  ``double_blocks_N_txt_attn_qkv``             ``transformer_blocks.N.attn.add_q_proj / add_k_proj / add_v_proj``
+  ``double_blocks_N_img_attn_proj``            ``transformer_blocks.N.attn.to_out.0``
+  ``double_blocks_N_txt_attn_proj``            ``transformer_blocks.N.attn.to_add_out``
+  ``double_blocks_N_img_mlp_0`` / ``_2``       ``transformer_blocks.N.ff.net.0.proj`` / ``ff.net.2``
+  ``double_blocks_N_txt_mlp_0`` / ``_2``       ``transformer_blocks.N.ff_context.net.0.proj`` / ``ff_context.net.2``
+  ``double_blocks_N_img_mod_lin`` / ``txt_``   ``transformer_blocks.N.norm1.linear`` / ``norm1_context.linear``
+  ``single_blocks_N_linear1``                  ``single_transformer_blocks.N.attn.to_q / to_k / to_v``, ``.proj_mlp``
+  ``single_blocks_N_linear2``                  ``single_transformer_blocks.N.proj_out``
+  ``single_blocks_N_modulation_lin``           ``single_transformer_blocks.N.norm.linear``
+  ``img_in`` / ``txt_in``                      ``x_embedder`` / ``context_embedder``
+  ``time_in_in_layer`` / ``_out_layer``        ``time_text_embed.timestep_embedder.linear_1`` / ``linear_2``
+  ``vector_in_in_layer`` / ``_out_layer``      ``time_text_embed.text_embedder.linear_1`` / ``linear_2``
+  ``guidance_in_in_layer`` / ``_out_layer``    ``time_text_embed.guidance_embedder.linear_1`` / ``linear_2``
+  ``final_layer_linear``                       ``proj_out``
+  ``final_layer_adaLN_modulation_1``           ``norm_out.linear`` (BFL rows [shift; scale], ours [scale; shift])
+  ===========================================  ==========================================================
+
+  A fused projection's ``lora_up`` rows are split across its targets (sizes read from the model) and every target
+  gets the same ``lora_down``: ``up @ down`` restricted to each target's rows is exactly the fused update.
+
+Every key must be used: unknown keys, wrong shapes, rank mismatches between A and B, and partial pairs raise a
+``ValueError`` naming the keys, before the model is touched.
+"""
+import json
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import paddle
+import paddle.nn as nn
+from safetensors import safe_open
+from safetensors.paddle import save_file
+
+from .lora import LoraAdapter, adapter_modules, adapter_names, check_adapter_name, freeze_base, wrap_linear
+
+FORMAT = "ppdiffusers_fast"
+SAMPLING_KEYS = ("num_inference_steps", "multiphase", "num_euler_timesteps", "guidance_scale", "lora_scale")
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+
+
+@dataclass
+class LoraUpdate:
+    """One module's update in Paddle layout: ``lora_A [in, rank]``, ``lora_B [rank, out]``, scaled by alpha/rank."""
+
+    module: str
+    lora_A: paddle.Tensor
+    lora_B: paddle.Tensor
+    alpha: float
+    keys: str  # the file keys it came from, for error messages
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _resolve_file(path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            names = [f.name for f in files]
+            raise ValueError(f"expected exactly one .safetensors file in folder {path}, found {names}")
+        path = files[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    return path
+
+
+def read_safetensors(path) -> Tuple[Dict[str, paddle.Tensor], Dict[str, str], Path]:
+    """``(tensors, metadata, file)`` of a safetensors file (or of the single one in a folder)."""
+    path = _resolve_file(path)
+    try:
+        with safe_open(str(path), framework="paddle") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # safetensors raises its own error types for a bad header
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+    return tensors, metadata, path
+
+
+def _atomic_save(tensors: Dict[str, paddle.Tensor], metadata: Dict[str, str], path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _raise_if(problems: List[str], path, what: str) -> None:
+    if problems:
+        shown = "\n  - ".join(problems[:40]) + ("" if len(problems) <= 40 else f"\n  ... {len(problems) - 40} more")
+        raise ValueError(f"{what} {path}:\n  - {shown}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Installing updates into a model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_updates(model: nn.Layer, updates: List[LoraUpdate]) -> List[str]:
+    """Every problem at once: unknown module, not a Linear, A/B rank mismatch, shapes that do not fit."""
+    layers = dict(model.named_sublayers())
+    problems, seen = [], {}
+    for u in updates:
+        layer = layers.get(u.module)
+        if u.module in seen:
+            problems.append(f"{u.keys}: module '{u.module}' is also set by {seen[u.module]}")
+        seen[u.module] = u.keys
+        if layer is None:
+            problems.append(f"{u.keys}: unknown key, the model has no module '{u.module}'")
+            continue
+        if not isinstance(layer, nn.Linear):
+            problems.append(f"{u.keys}: module '{u.module}' is {type(layer).__name__}, not a Linear")
+            continue
+        a_shape, b_shape = list(u.lora_A.shape), list(u.lora_B.shape)
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            problems.append(f"{u.keys}: LoRA weights must be 2-D")
+            continue
+        if a_shape[1] != b_shape[0]:
+            problems.append(f"{u.keys}: rank mismatch between A (rank {a_shape[1]}) and B (rank {b_shape[0]})")
+            continue
+        in_features, out_features = layer.weight.shape
+        if a_shape[0] != in_features or b_shape[1] != out_features:
+            problems.append(f"{u.keys}: wrong shape, the LoRA maps {a_shape[0]} -> {b_shape[1]} features (rank "
+                            f"{a_shape[1]}) but module '{u.module}' is a Linear {in_features} -> {out_features}")
+    return problems
+
+
+@paddle.no_grad()
+def install_updates(model: nn.Layer, adapter_name: str, updates: List[LoraUpdate], path, dropout: float = 0.0):
+    """Create adapter ``adapter_name`` from checked updates (or overwrite it when it holds exactly these modules)."""
+    check_adapter_name(adapter_name)
+    if not updates:
+        raise ValueError(f"LoRA file {path} holds no LoRA weights")
+    _raise_if(check_updates(model, updates), path, "LoRA does not fit the model, file")
+    existing = adapter_modules(model, adapter_name) if adapter_name in adapter_names(model) else None
+    if existing is not None:
+        expected = {u.module: u.lora_A.shape[1] for u in updates}
+        actual = {m: a.rank for m, a in existing.items()}
+        if expected != actual:
+            raise ValueError(f"adapter '{adapter_name}' already exists with other modules or ranks than {path}")
+    for u in updates:
+        layer = wrap_linear(model, u.module)
+        adapter = layer.lora_adapters[adapter_name] if existing is not None else layer.add_adapter(
+            adapter_name, u.lora_A.shape[1], u.alpha, dropout)
+        adapter.alpha = float(u.alpha)
+        adapter.lora_A.set_value(u.lora_A.astype(adapter.lora_A.dtype))
+        adapter.lora_B.set_value(u.lora_B.astype(adapter.lora_B.dtype))
+    freeze_base(model)
+
+
+def _most_common_and_pattern(values: Dict[str, float]):
+    common = Counter(values.values()).most_common(1)[0][0]
+    return common, {m: v for m, v in values.items() if v != common}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Our format
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_sampling(sampling: Optional[dict]) -> dict:
+    sampling = dict(sampling or {})
+    unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
+    if unknown:
+        raise ValueError(f"unknown sampling setting(s) {unknown}; allowed: {list(SAMPLING_KEYS)}")
+    json.dumps(sampling)  # must be JSON-serialisable
+    return sampling
+
+
+def save_lora(model: nn.Layer, adapter_name: str, path, sampling: Optional[dict] = None) -> None:
+    """Write adapter ``adapter_name`` in our format (atomic). ``sampling``: dict with keys from ``SAMPLING_KEYS``."""
+    sampling = _check_sampling(sampling)
+    modules: Dict[str, LoraAdapter] = adapter_modules(model, adapter_name)
+    tensors = {}
+    for name, adapter in modules.items():
+        tensors[f"{name}.lora_A"] = adapter.lora_A
+        tensors[f"{name}.lora_B"] = adapter.lora_B
+    rank, rank_pattern = _most_common_and_pattern({m: a.rank for m, a in modules.items()})
+    alpha, alpha_pattern = _most_common_and_pattern({m: a.alpha for m, a in modules.items()})
+    dropouts = {a.dropout.p if a.dropout is not None else 0.0 for a in modules.values()}
+    metadata = {
+        "lora_format": FORMAT, "lora_format_version": "1", "layout": "lora_A [in, rank], lora_B [rank, out]",
+        "rank": str(rank), "alpha": repr(float(alpha)), "dropout": repr(float(max(dropouts))),
+        "target_modules": json.dumps(list(modules)), "rank_pattern": json.dumps(rank_pattern),
+        "alpha_pattern": json.dumps(alpha_pattern), "sampling": json.dumps(sampling),
+    }
+    _atomic_save(tensors, metadata, path)
+
+
+def load_lora(model: nn.Layer, path, adapter_name: str) -> dict:
+    """Load a file written by :func:`save_lora` as adapter ``adapter_name`` (exact values).
+
+    Returns the metadata: ``rank``, ``alpha``, ``dropout``, ``target_modules``, ``rank_pattern``,
+    ``alpha_pattern``, ``sampling`` (dict).
+    """
+    tensors, metadata, path = read_safetensors(path)
+    if metadata.get("lora_format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} LoRA file (metadata 'lora_format' is "
+                         f"{metadata.get('lora_format')!r}); use import_lora for diffusers / PEFT / kohya files")
+    try:
+        info = {
+            "rank": int(metadata["rank"]), "alpha": float(metadata["alpha"]), "dropout": float(metadata["dropout"]),
+            "target_modules": json.loads(metadata["target_modules"]),
+            "rank_pattern": json.loads(metadata["rank_pattern"]),
+            "alpha_pattern": json.loads(metadata["alpha_pattern"]), "sampling": json.loads(metadata["sampling"]),
+        }
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"{path}: missing or malformed metadata entry {error}") from error
+    problems, pairs = [], {}
+    for key in tensors:
+        module, _, part = key.rpartition(".")
+        if part not in ("lora_A", "lora_B") or not module:
+            problems.append(f"{key}: unknown key (expected '<module>.lora_A' or '<module>.lora_B')")
+            continue
+        pairs.setdefault(module, {})[part] = key
+    updates = []
+    for module, parts in pairs.items():
+        if len(parts) != 2:
+            have, missing = next(iter(parts.values())), "lora_B" if "lora_A" in parts else "lora_A"
+            problems.append(f"{have}: partial LoRA pair, '{module}.{missing}' is missing")
+            continue
+        lora_a = tensors[parts["lora_A"]]
+        rank = info["rank_pattern"].get(module, info["rank"])
+        if lora_a.ndim == 2 and lora_a.shape[1] != rank:
+            problems.append(f"{parts['lora_A']}: rank {lora_a.shape[1]} but metadata says {rank}")
+        alpha = info["alpha_pattern"].get(module, info["alpha"])
+        updates.append(LoraUpdate(module, lora_a, tensors[parts["lora_B"]], alpha,
+                                  f"{parts['lora_A']} / {parts['lora_B']}"))
+    if sorted(pairs) != sorted(info["target_modules"]):
+        missing = sorted(set(info["target_modules"]) - set(pairs))
+        extra = sorted(set(pairs) - set(info["target_modules"]))
+        problems.append(f"target_modules metadata does not match the weights: no weights for {missing}, "
+                        f"weights not listed {extra}")
+    _raise_if(problems + check_updates(model, updates), path, "bad LoRA file")
+    install_updates(model, adapter_name, updates, path, dropout=info["dropout"])
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# diffusers export
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def export_diffusers_lora(model: nn.Layer, adapter_name: str, path, prefix: str = "transformer") -> None:
+    """Write ``<prefix>.<module>.lora_A.weight [rank, in]`` / ``lora_B.weight [out, rank]`` with alpha/rank in B.
+
+    Loaders without an alpha (diffusers' ``load_lora_adapter`` / ``load_lora_weights``, ComfyUI) then apply the
+    update at scale 1. diffusers infers one ``lora_alpha`` from the ranks, which is right only when all ranks are
+    equal, so a smaller rank is zero-padded to the largest (extra A rows and B columns of zeros add nothing).
+    The run-time scale (:func:`set_adapter_scale`) is not part of the file.
+    """
+    modules = adapter_modules(model, adapter_name)
+    rank = max(a.rank for a in modules.values())
+    tensors = {}
+    for name, adapter in modules.items():
+        lora_a = adapter.lora_A.astype("float32").t()  # [r, in]
+        lora_b = (adapter.lora_B.astype("float32") * adapter.scaling).t()  # [out, r]
+        if adapter.rank < rank:
+            lora_a = paddle.concat([lora_a, paddle.zeros([rank - adapter.rank, lora_a.shape[1]])], axis=0)
+            lora_b = paddle.concat([lora_b, paddle.zeros([lora_b.shape[0], rank - adapter.rank])], axis=1)
+        tensors[f"{prefix}.{name}.lora_A.weight"] = lora_a.astype(adapter.lora_A.dtype)
+        tensors[f"{prefix}.{name}.lora_B.weight"] = lora_b.astype(adapter.lora_B.dtype)
+    metadata = {"format": "pt", "lora_source": FORMAT, "alpha": "folded into lora_B (alpha / rank)"}
+    _atomic_save(tensors, metadata, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Import: diffusers / PEFT
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _peft_config_from(metadata: Dict[str, str], path: Path) -> dict:
+    """The PEFT LoraConfig dict stored with the file (diffusers metadata or adapter_config.json), or {}."""
+    if DIFFUSERS_METADATA_KEY in metadata:
+        raw = json.loads(metadata[DIFFUSERS_METADATA_KEY])
+        config = {k[len("transformer."):]: v for k, v in raw.items() if k.startswith("transformer.")}
+        return config or raw
+    beside = path.with_name("adapter_config.json")
+    return json.loads(beside.read_text()) if beside.is_file() else {}
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rule: the first pattern p with ``re.match(rf"(.*\\.)?({p})$", module)``."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _peft_updates(tensors: Dict[str, paddle.Tensor], metadata: Dict[str, str], path: Path):
+    config = _peft_config_from(metadata, path)
+    problems = []
+    if config.get("use_dora"):
+        problems.append("DoRA adapters (use_dora) are not supported")
+    pairs: Dict[str, Dict[str, str]] = {}
+    for key in tensors:
+        name = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+        name = name[len("transformer."):] if name.startswith("transformer.") else name
+        match = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|alpha)", name)
+        if match is None or name.startswith(("text_encoder", "lora_te")):
+            problems.append(f"{key}: unknown key (expected '<module>.lora_A.weight', '.lora_B.weight' or '.alpha'"
+                            " of the transformer)")
+            continue
+        pairs.setdefault(match.group(1), {})[match.group(2)] = key
+    updates = []
+    for module, parts in pairs.items():
+        if "lora_A.weight" not in parts or "lora_B.weight" not in parts:
+            have = ", ".join(parts.values())
+            missing = [p for p in ("lora_A.weight", "lora_B.weight") if p not in parts]
+            problems.append(f"{have}: partial LoRA, missing {missing} for module '{module}'")
+            continue
+        a, b = tensors[parts["lora_A.weight"]], tensors[parts["lora_B.weight"]]  # [rank, in], [out, rank]
+        if a.ndim != 2 or b.ndim != 2:
+            problems.append(f"{parts['lora_A.weight']}: LoRA weights must be 2-D, got {list(a.shape)}, {list(b.shape)}")
+            continue
+        rank = a.shape[0]
+        expected_rank = _pattern_value(config.get("rank_pattern"), module, config.get("r", rank))
+        if expected_rank != rank:
+            problems.append(f"{parts['lora_A.weight']}: rank {rank} but the adapter config says {expected_rank}")
+        if "alpha" in parts:
+            alpha = tensors[parts["alpha"]].astype("float32").item()
+        else:
+            alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", rank)))
+            if config.get("use_rslora"):  # PEFT scales by alpha / sqrt(rank)
+                alpha = alpha * math.sqrt(rank)
+        updates.append(LoraUpdate(module, a.t(), b.t(), alpha, " / ".join(parts.values())))
+    return updates, problems
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Import: kohya with BFL names
+# ----------------------------------------------------------------------------------------------------------------
+
+_KOHYA_DOUBLE = {
+    "img_attn_qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
+    "txt_attn_qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+    "img_attn_proj": ["attn.to_out.0"], "txt_attn_proj": ["attn.to_add_out"],
+    "img_mlp_0": ["ff.net.0.proj"], "img_mlp_2": ["ff.net.2"],
+    "txt_mlp_0": ["ff_context.net.0.proj"], "txt_mlp_2": ["ff_context.net.2"],
+    "img_mod_lin": ["norm1.linear"], "txt_mod_lin": ["norm1_context.linear"],
+}
+_KOHYA_SINGLE = {"linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"], "linear2": ["proj_out"],
+                 "modulation_lin": ["norm.linear"]}
+_KOHYA_TOP = {
+    "img_in": "x_embedder", "txt_in": "context_embedder",
+    "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer_linear": "proj_out", "final_layer_adaLN_modulation_1": "norm_out.linear",
+}
+_SWAP_HALVES = {"final_layer_adaLN_modulation_1"}  # BFL [shift; scale] -> diffusers [scale; shift]
+
+
+def kohya_targets(name: str) -> Optional[List[str]]:
+    """Our module names for a kohya BFL module name (without ``lora_unet_``), in fused row order; None if unknown."""
+    match = re.fullmatch(r"double_blocks_(\d+)_(\w+)", name)
+    if match and match.group(2) in _KOHYA_DOUBLE:
+        return [f"transformer_blocks.{match.group(1)}.{t}" for t in _KOHYA_DOUBLE[match.group(2)]]
+    match = re.fullmatch(r"single_blocks_(\d+)_(\w+)", name)
+    if match and match.group(2) in _KOHYA_SINGLE:
+        return [f"single_transformer_blocks.{match.group(1)}.{t}" for t in _KOHYA_SINGLE[match.group(2)]]
+    return [_KOHYA_TOP[name]] if name in _KOHYA_TOP else None
+
+
+def _kohya_updates(tensors: Dict[str, paddle.Tensor], model: nn.Layer):
+    layers = dict(model.named_sublayers())
+    problems, groups = [], {}
+    for key in tensors:
+        match = re.fullmatch(r"lora_unet_(\w+)\.(lora_down\.weight|lora_up\.weight|alpha)", key)
+        if match is None or kohya_targets(match.group(1)) is None:
+            problems.append(f"{key}: unknown key (not a kohya FLUX transformer LoRA key with BFL names)")
+            continue
+        groups.setdefault(match.group(1), {})[match.group(2)] = key
+    updates = []
+    for name, parts in groups.items():
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            missing = [p for p in ("lora_down.weight", "lora_up.weight") if p not in parts]
+            problems.append(f"{', '.join(parts.values())}: partial LoRA, missing {missing} for 'lora_unet_{name}'")
+            continue
+        down, up = tensors[parts["lora_down.weight"]], tensors[parts["lora_up.weight"]]  # [rank, in], [out, rank]
+        keys = f"{parts['lora_down.weight']} / {parts['lora_up.weight']}"
+        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
+            problems.append(f"{keys}: rank mismatch or not 2-D: lora_down {list(down.shape)}, lora_up {list(up.shape)}")
+            continue
+        rank = down.shape[0]
+        alpha = tensors[parts["alpha"]].astype("float32").item() if "alpha" in parts else float(rank)
+        targets = kohya_targets(name)
+        missing = [t for t in targets if not isinstance(layers.get(t), nn.Linear)]
+        if missing:
+            problems.append(f"{keys}: unknown key, the model has no Linear {missing}")
+            continue
+        sizes = [layers[t].weight.shape[1] for t in targets]
+        if up.shape[0] != sum(sizes):
+            problems.append(f"{keys}: wrong shape, lora_up has {up.shape[0]} rows but {targets} have {sum(sizes)}")
+            continue
+        if name in _SWAP_HALVES:
+            half = up.shape[0] // 2
+            up = paddle.concat([up[half:], up[:half]], axis=0)
+        for target, rows in zip(targets, paddle.split(up, sizes, axis=0)):
+            updates.append(LoraUpdate(target, down.t(), rows.t(), alpha, keys))
+    return updates, problems
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Import entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def detect_lora_style(keys: List[str], metadata: Dict[str, str]) -> str:
+    """``"ours"``, ``"kohya"`` or ``"peft"`` (diffusers / PEFT) from a file's keys and metadata."""
+    if metadata.get("lora_format") == FORMAT:
+        return "ours"
+    kohya = any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys)
+    peft = any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    if kohya and peft:
+        raise ValueError("the file mixes kohya (lora_down/lora_up) and PEFT (lora_A/lora_B) keys")
+    if not (kohya or peft):
+        raise ValueError(f"no LoRA weights recognised (first keys: {sorted(keys)[:5]})")
+    return "kohya" if kohya else "peft"
+
+
+def import_lora(model: nn.Layer, path, adapter_name: str, dropout: float = 0.0) -> dict:
+    """Load a diffusers / PEFT / kohya FLUX LoRA (or our own file) as adapter ``adapter_name``.
+
+    Returns ``{"style", "modules", "ranks", "alphas"}`` (per-module dicts). Raises before touching the model when
+    any key is unknown, partial, mis-shaped or of mismatched rank.
+    """
+    tensors, metadata, path = read_safetensors(path)
+    try:
+        style = detect_lora_style(list(tensors), metadata)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
+    if style == "ours":
+        load_lora(model, path, adapter_name)
+    else:
+        updates, problems = _kohya_updates(tensors, model) if style == "kohya" else _peft_updates(
+            tensors, metadata, path)
+        _raise_if(problems + check_updates(model, updates), path, "bad LoRA file")
+        install_updates(model, adapter_name, updates, path, dropout=dropout)
+    modules = adapter_modules(model, adapter_name)
+    return {"style": style, "modules": list(modules), "ranks": {m: a.rank for m, a in modules.items()},
+            "alphas": {m: a.alpha for m, a in modules.items()}}
+
+
+__all__ = ["save_lora", "load_lora", "export_diffusers_lora", "import_lora", "detect_lora_style", "kohya_targets",
+           "read_safetensors", "check_updates", "install_updates", "LoraUpdate", "SAMPLING_KEYS"]
