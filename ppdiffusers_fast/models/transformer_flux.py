@@ -98,6 +98,7 @@ class FluxTransformer2DModel(ModelMixin, ConfigMixin):
         return count_parameters(self)
 
     # ------------------------------------------------------------------ forward
+    @paddle.jit.not_to_static  # plain Python under to_static: dynamic dims read -1 and the raises stay untraced
     def _check_inputs(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
                       guidance):
         cfg = self.config

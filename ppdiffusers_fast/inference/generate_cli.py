@@ -1,0 +1,184 @@
+"""Command line of ``examples/flux_lightning/text_to_image_generation_flux_lightning.py``: FLUX + a few-step LoRA.
+
+Loads a local FLUX.1-dev-layout folder, applies the LoRA (its metadata gives the steps' noise levels, guidance
+and LoRA scale), optionally compiles the transformer (``--use_cinn``: to_static / CINN; ``--inference_optimize``:
+Paddle Inference predictor), writes one PNG per image and, with ``--benchmark``, prints milliseconds per image
+and per transformer call after warm-up runs.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import paddle
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_MODEL = REPO_ROOT / "examples" / "flux_lightning" / "demo_model"
+DEMO_LORA = DEMO_MODEL / "student_lora.safetensors"
+DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon, highly detailed"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Text-to-image with FLUX and a few-step (FLUX-Lightning) LoRA.")
+    p.add_argument("--pretrained_model_name_or_path", default=None,
+                   help=f"local FLUX.1-dev-layout folder (default: the bundled demo model {DEMO_MODEL}, if present)")
+    p.add_argument("--path_to_lora", default=None, help="LoRA safetensors (ours, diffusers/PEFT or kohya)")
+    p.add_argument("--lora_scale", type=float, default=None,
+                   help="LoRA multiplier (default: the LoRA's metadata, else 1)")
+    p.add_argument("--prompt", default=None, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--prompt_file", default=None, help="text file with one prompt per line (blank lines skipped)")
+    p.add_argument("--negative_prompt", default=None, help="negative prompt (used when --true_cfg_scale > 1)")
+    p.add_argument("--true_cfg_scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--height", type=int, default=1024, help="image height, a multiple of 16")
+    p.add_argument("--width", type=int, default=1024, help="image width, a multiple of 16")
+    p.add_argument("--step", type=int, default=4, help="sampling steps (the LoRA's phase edges when they match)")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="embedded guidance (default: the LoRA's, else 3.5)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--num_images", type=int, default=1, help="images per prompt")
+    p.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens (FLUX.1-dev: 512)")
+    p.add_argument("--output_dir", default="outputs/flux_lightning", help="where the PNG files go")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weights and compute dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--use_cinn", action="store_true",
+                   help="compile the transformer with paddle.jit.to_static + CINN (CINN only where Paddle has it)")
+    p.add_argument("--inference_optimize", action="store_true",
+                   help="run the transformer with a Paddle Inference predictor (oneDNN on CPU)")
+    p.add_argument("--predictor_dir", default=None, help="where the exported predictor model is kept (default: temp)")
+    p.add_argument("--benchmark", action="store_true", help="warm-up runs, then timed runs (ms per image / call)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up runs with --benchmark")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs with --benchmark")
+    return p
+
+
+class TimedRunner:
+    """Wraps the transformer call to count calls and their wall time (synchronising the GPU when present)."""
+
+    def __init__(self, run):
+        self.run = run
+        self.config = run.config
+        self.calls = 0
+        self.seconds = 0.0
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = self.run(*args, **kwargs)
+        _synchronize()
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+    def reset(self):
+        self.calls, self.seconds = 0, 0.0
+
+
+def _synchronize():
+    if paddle.get_device().startswith("gpu"):
+        paddle.device.synchronize()
+
+
+def resolve_model_paths(args) -> None:
+    """Fill the model / LoRA paths from the bundled demo model, or exit with what to pass."""
+    if args.pretrained_model_name_or_path is None:
+        if not DEMO_MODEL.is_dir():
+            sys.exit("error: no model given and no bundled demo model at "
+                     f"{DEMO_MODEL}.\nPass a local FLUX.1-dev-layout folder and the student LoRA, e.g.\n"
+                     "  --pretrained_model_name_or_path /path/to/FLUX.1-dev "
+                     "--path_to_lora /path/to/flux_lightning_lora.safetensors\n"
+                     "(the folder holds model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/, "
+                     "tokenizer/, tokenizer_2/, scheduler/)")
+        args.pretrained_model_name_or_path = str(DEMO_MODEL)
+        if args.path_to_lora is None and DEMO_LORA.is_file():
+            args.path_to_lora = str(DEMO_LORA)
+
+
+def read_prompts(args) -> List[str]:
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            sys.exit(f"error: --prompt_file {path} does not exist")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            sys.exit(f"error: --prompt_file {path} holds no prompt")
+        return prompts + ([args.prompt] if args.prompt else [])
+    return [args.prompt or DEFAULT_PROMPT]
+
+
+def build_pipeline(args):
+    from ..pipelines.pipeline_flux import FluxPipeline
+    from .compile import build_predictor, compile_transformer
+
+    dtype = args.dtype or ("bfloat16" if paddle.get_device().startswith("gpu") else "float32")
+    pipe = FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype)
+    if args.path_to_lora:
+        sampling = pipe.load_lora(args.path_to_lora, scale=args.lora_scale)
+        print(f"LoRA {args.path_to_lora}: scale {pipe.lora_scale:g}, sampling metadata {sampling or 'none'}")
+    runner = None
+    if args.inference_optimize or args.use_cinn:
+        pipe.fuse_lora()  # compiled graphs hold the merged student weights
+    if args.inference_optimize:
+        runner = build_predictor(pipe.transformer, args.predictor_dir, use_cinn=args.use_cinn)
+    elif args.use_cinn:
+        runner = compile_transformer(pipe.transformer, use_cinn=True)
+    pipe.set_transformer_runner(runner)
+    return pipe
+
+
+def generate(pipe, args, prompts: List[str]):
+    return pipe(prompts, negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg_scale,
+                height=args.height, width=args.width, num_inference_steps=args.step,
+                guidance_scale=args.guidance_scale, num_images_per_prompt=args.num_images, seed=args.seed,
+                max_sequence_length=args.max_sequence_length, output_type="pil")
+
+
+def run_benchmark(pipe, args, prompts: List[str]) -> dict:
+    """Warm-up runs, then timed runs; prints and returns ms per image and per transformer call."""
+    timer = TimedRunner(pipe.transformer_runner)
+    pipe.set_transformer_runner(timer)
+    pipe.set_progress_bar_config(disable=True)
+    for _ in range(max(args.warmup, 0)):
+        generate(pipe, args, prompts)
+    timer.reset()
+    start = time.perf_counter()
+    for _ in range(max(args.repeats, 1)):
+        output = generate(pipe, args, prompts)
+    _synchronize()
+    elapsed = time.perf_counter() - start
+    images = max(args.repeats, 1) * len(output.images)
+    stats = {"ms_per_image": 1000 * elapsed / images, "ms_per_transformer_call": 1000 * timer.seconds / timer.calls,
+             "transformer_calls": timer.calls, "images": images}
+    mode = "predictor" if args.inference_optimize else "to_static" if args.use_cinn else "dygraph"
+    print(f"benchmark ({mode}, {args.height}x{args.width}, {args.step} steps, {images} images after "
+          f"{args.warmup} warm-up runs): {stats['ms_per_image']:.1f} ms per image, "
+          f"{stats['ms_per_transformer_call']:.1f} ms per transformer call ({timer.calls} calls)")
+    pipe.set_transformer_runner(timer.run)
+    return {"output": output, **stats}
+
+
+def main(argv: Optional[List[str]] = None) -> List[Path]:
+    args = build_parser().parse_args(argv)
+    for name in ("height", "width"):
+        if getattr(args, name) <= 0 or getattr(args, name) % 16:
+            sys.exit(f"error: --{name} {getattr(args, name)} is not a positive multiple of 16 "
+                     "(FLUX packs 2x2 latent pixels of an 8x downsampling VAE)")
+    resolve_model_paths(args)
+    prompts = read_prompts(args)
+    pipe = build_pipeline(args)
+    if args.benchmark:
+        output = run_benchmark(pipe, args, prompts)["output"]
+    else:
+        output = generate(pipe, args, prompts)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, (image, seed) in enumerate(zip(output.images, output.seeds)):
+        path = out_dir / f"{index:03d}_seed{seed}.png"
+        image.save(path)
+        paths.append(path)
+        print(f"wrote {path}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()

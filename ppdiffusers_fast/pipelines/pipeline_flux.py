@@ -1,0 +1,289 @@
+"""FLUX.1 text-to-image pipeline (rectified flow, Euler sampling), with few-step LoRA students.
+
+Steps of :meth:`FluxPipeline.__call__` (B = prompts x images per prompt):
+
+1. check every argument (sizes must be multiples of 16, i.e. 2 x the VAE's 8x downsampling) before any model runs;
+2. text: CLIP pooled embedding ``[B, 768]`` and T5 states ``[B, L_txt, 4096]`` (``text_encoding.py``);
+3. noise ``[B, 16, H/8, W/8]`` from one seed per image, packed 2x2 into ``[B, (H/16)(W/16), 64]`` tokens with ids
+   ``(0, row, col)`` (``latents.py``);
+4. noise levels: a distilled LoRA's phase edges at this resolution (``few_step_sigmas``), or FLUX's default
+   ``linspace(1, 1/n, n)`` shifted by ``mu(image tokens)`` (``FlowMatchEulerDiscreteScheduler``);
+5. Euler steps ``x <- x + (s' - s) v``, ``v = transformer(x, s, text, guidance)``; with a negative prompt and
+   ``true_cfg_scale > 1`` also ``v = v_neg + w (v - v_neg)`` (classifier-free guidance);
+6. unpack, ``z / scaling_factor + shift_factor``, VAE decode, ``[-1, 1] -> [0, 1]``.
+
+The transformer call can be replaced by a compiled one (``set_transformer_runner``, see ``inference/compile.py``).
+"""
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import paddle
+from tqdm.auto import tqdm
+
+from ..models import lora as lora_lib
+from ..models import lora_io
+from ..models.weights import load_flux_transformer
+from ..schedulers.samplers import few_step_sigmas
+from . import flux_folder
+from .latents import latent_image_ids, pack_latents, resolve_seeds, seeded_noise, text_ids, unpack_latents
+from .text_encoding import PromptEmbeddings, encode_prompts, repeat_per_image
+
+__all__ = ["FluxPipeline", "FluxPipelineOutput"]
+
+DEFAULT_STEPS = 28  # FLUX.1-dev without a distilled LoRA
+DEFAULT_GUIDANCE = 3.5
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+@dataclass
+class FluxPipelineOutput:
+    """images: list of PIL images, ``[B, H, W, 3]`` float32 in [0, 1] (np) or packed latents (latent);
+    seeds: the seed of each image (None when latents were given); sigmas: the noise levels used."""
+
+    images: Union[list, np.ndarray, paddle.Tensor]
+    seeds: Optional[List[int]] = None
+    sigmas: List[float] = field(default_factory=list)
+
+
+def _as_prompt_list(prompt, name: str) -> List[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else []
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
+    return prompts
+
+
+class FluxPipeline:
+    """FLUX text-to-image. Build with :meth:`from_pretrained` (a local FLUX.1-dev-layout folder)."""
+
+    def __init__(self, transformer, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler):
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
+        self.tokenizer = tokenizer
+        self.tokenizer_2 = tokenizer_2
+        self.scheduler = scheduler
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.lora_adapter: Optional[str] = None
+        self.lora_scale: Optional[float] = None
+        self.lora_sampling: dict = {}
+        self.lora_fused = False
+        self._runner = None
+        self._progress_disabled = False
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, folder: Union[str, Path], dtype: str = "float32") -> "FluxPipeline":
+        """Load every component of a FLUX.1-dev-layout folder from its PyTorch safetensors.
+
+        A missing sub-folder or file is reported by name before anything is loaded. The transformer and text
+        encoders take ``dtype`` ("float32" or "bfloat16"); the VAE stays in float32.
+        """
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        if dtype == "bfloat16" and not paddle.get_device().startswith("gpu"):
+            raise ValueError(f"dtype='bfloat16' needs a GPU (Paddle's CPU kernels of add / matmul have no bfloat16; "
+                             f"current device: {paddle.get_device()}); use dtype='float32' on CPU")
+        folder = flux_folder.check_flux_folder(folder)
+        tokenizer, tokenizer_2 = flux_folder.load_tokenizers(folder)
+        text_encoder, text_encoder_2 = flux_folder.load_text_encoders(folder, dtype)
+        return cls(transformer=load_flux_transformer(folder / "transformer", dtype=dtype),
+                   vae=flux_folder.load_vae(folder, "float32"), text_encoder=text_encoder,
+                   text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                   scheduler=flux_folder.load_scheduler(folder))
+
+    @property
+    def dtype(self) -> str:
+        return str(self.transformer.x_embedder.weight.dtype).replace("paddle.", "")
+
+    def load_lora(self, path: Union[str, Path], scale: Optional[float] = None, adapter_name: str = "student") -> dict:
+        """Apply a LoRA to the transformer (ours, diffusers / PEFT or kohya format) and make it live.
+
+        Our files carry the student's sampling settings; they become the defaults of ``__call__``
+        (steps and phase-edge sigmas at the requested resolution, guidance scale, LoRA scale).
+
+        Args:
+            scale: multiplier of the update; default the file's ``lora_scale`` metadata, else 1.0.
+        Returns:
+            the sampling metadata (empty for files without it).
+        """
+        if self.lora_adapter is not None:
+            raise RuntimeError(f"a LoRA ({self.lora_adapter}) is already loaded; build a new pipeline for another")
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"LoRA file {path} does not exist")
+        tensors, metadata, _ = lora_io.read_safetensors(path)
+        if lora_io.detect_lora_style(list(tensors), metadata) == "ours":
+            sampling = dict(lora_io.load_lora(self.transformer, path, adapter_name).get("sampling") or {})
+        else:
+            lora_io.import_lora(self.transformer, path, adapter_name)
+            sampling = {}
+        self.lora_adapter = adapter_name
+        self.lora_sampling = sampling
+        self.lora_scale = float(scale if scale is not None else sampling.get("lora_scale", 1.0))
+        lora_lib.set_live_adapters(self.transformer, adapter_name)
+        lora_lib.set_adapter_scale(self.transformer, adapter_name, self.lora_scale)
+        return sampling
+
+    def fuse_lora(self) -> None:
+        """Fold the loaded LoRA (at its scale) into the transformer weights; needed before compiling."""
+        if self.lora_adapter is None or self.lora_fused:
+            return
+        lora_lib.merge_adapter(self.transformer, self.lora_adapter, scale=self.lora_scale)
+        self.lora_fused = True
+
+    def set_transformer_runner(self, runner) -> None:
+        """Use ``runner`` (called like the transformer, e.g. a ``CompiledTransformer``) in the sampling loop;
+        None restores the dygraph transformer."""
+        self._runner = runner
+
+    @property
+    def transformer_runner(self):
+        """The callable used for the transformer in the sampling loop (the dygraph model unless replaced)."""
+        return self._runner if self._runner is not None else self.transformer
+
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        self._progress_disabled = bool(disable)
+
+    # ------------------------------------------------------------------------------------------------ pieces
+    def encode_prompt(self, prompts: Sequence[str], max_sequence_length: int = 512) -> PromptEmbeddings:
+        """CLIP pooled ``[B, 768]`` and T5 ``[B, L_txt, 4096]`` embeddings in the transformer's dtype."""
+        return encode_prompts(prompts, self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2,
+                              max_sequence_length, self.dtype)
+
+    def check_inputs(self, prompts, negative_prompts, height, width, num_images_per_prompt, num_inference_steps,
+                     output_type, true_cfg_scale, latents, max_sequence_length) -> None:
+        """Raise ValueError on any bad argument (called before any model runs)."""
+        multiple = 2 * self.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if value % multiple:
+                lower, upper = (value // multiple) * multiple or multiple, (value // multiple + 1) * multiple
+                raise ValueError(f"{name}={value} is not a multiple of {multiple}: FLUX packs 2x2 latent pixels and "
+                                 f"the VAE downsamples by {self.vae_scale_factor}; use e.g. {lower} or {upper}")
+        if negative_prompts is not None and len(negative_prompts) not in (1, len(prompts)):
+            raise ValueError(f"got {len(negative_prompts)} negative prompts for {len(prompts)} prompts")
+        if not isinstance(num_images_per_prompt, numbers.Integral) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        if num_inference_steps is not None and (not isinstance(num_inference_steps, numbers.Integral)
+                                                or num_inference_steps < 1):
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if true_cfg_scale < 1.0:
+            raise ValueError(f"true_cfg_scale must be >= 1 (1 = off), got {true_cfg_scale}")
+        if not 0 < max_sequence_length <= 512:
+            raise ValueError(f"max_sequence_length must be in 1..512, got {max_sequence_length}")
+        if latents is not None:
+            batch = len(prompts) * num_images_per_prompt
+            rows, cols = height // multiple, width // multiple
+            channels = self.transformer.config.in_channels
+            packed, unpacked = [batch, rows * cols, channels], [batch, channels // 4, 2 * rows, 2 * cols]
+            if list(latents.shape) not in (packed, unpacked):
+                raise ValueError(f"latents must be {packed} (packed) or {unpacked}, got {list(latents.shape)}")
+
+    def noise_levels(self, num_inference_steps: Optional[int], sigmas, height: int, width: int) -> int:
+        """Set the scheduler's levels; returns the number of steps.
+
+        Priority: explicit ``sigmas`` (shifted levels, descending to 0); the LoRA's phase edges when
+        ``num_inference_steps`` is None or equals the LoRA's; FLUX's shifted ``linspace(1, 1/n, n)``.
+        """
+        sampling = self.lora_sampling
+        if sigmas is not None:
+            self.scheduler.set_shifted_sigmas(sigmas)
+        elif sampling.get("multiphase") and num_inference_steps in (None, sampling.get("num_inference_steps")):
+            self.scheduler.set_shifted_sigmas(few_step_sigmas(sampling, height, width, self.vae_scale_factor))
+        else:
+            steps = num_inference_steps or sampling.get("num_inference_steps") or DEFAULT_STEPS
+            seq_len = (height // (2 * self.vae_scale_factor)) * (width // (2 * self.vae_scale_factor))
+            self.scheduler.set_timesteps(steps, sigmas=np.linspace(1.0, 1.0 / steps, steps),
+                                         mu=self.scheduler.mu_for(seq_len))
+        self.scheduler.set_begin_index(0)
+        return int(self.scheduler.num_inference_steps)
+
+    def _velocity(self, latents, embeddings: PromptEmbeddings, timestep, guidance, img_ids, txt_ids):
+        return self.transformer_runner(latents, embeddings.sequence, embeddings.pooled, timestep, img_ids, txt_ids,
+                                       guidance, return_dict=False)[0]
+
+    def decode(self, packed: paddle.Tensor, height: int, width: int) -> np.ndarray:
+        """Packed latents -> images ``[B, H, W, 3]`` float32 in [0, 1]."""
+        latents = unpack_latents(packed, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        cfg = self.vae.config
+        latents = latents.astype("float32") / cfg.scaling_factor + cfg.shift_factor
+        with paddle.no_grad():
+            images = self.vae.decode(latents.astype(self.vae.dtype)).sample.astype("float32")
+        return (images / 2 + 0.5).clip(0, 1).transpose([0, 2, 3, 1]).numpy()
+
+    # ------------------------------------------------------------------------------------------------ call
+    def __call__(self, prompt: Union[str, Sequence[str]], negative_prompt: Union[None, str, Sequence[str]] = None,
+                 true_cfg_scale: float = 1.0, height: int = 1024, width: int = 1024,
+                 num_inference_steps: Optional[int] = None, sigmas=None, guidance_scale: Optional[float] = None,
+                 num_images_per_prompt: int = 1, seed: Union[None, int, Sequence[int]] = None,
+                 latents: Optional[paddle.Tensor] = None, max_sequence_length: int = 512,
+                 output_type: str = "pil", callback=None) -> FluxPipelineOutput:
+        """Generate ``len(prompts) * num_images_per_prompt`` images (prompt-major order).
+
+        Args:
+            num_inference_steps: default the LoRA's (with its phase-edge sigmas), else 28.
+            sigmas: explicit noise levels (already shifted), descending, e.g. from ``few_step_sigmas``.
+            guidance_scale: embedded guidance (guidance-distilled FLUX); default the LoRA's, else 3.5.
+            true_cfg_scale: > 1 with a negative prompt runs classifier-free guidance (two passes per step).
+            seed: int (image i gets ``seed + i``), one int per image, or None (random).
+            latents: initial noise, packed ``[B, L_img, 64]`` or ``[B, 16, H/8, W/8]``; overrides ``seed``.
+            callback: ``callback(step_index, sigma, latents)`` after each step.
+        """
+        prompts = _as_prompt_list(prompt, "prompt")
+        negatives = None if negative_prompt is None else _as_prompt_list(negative_prompt, "negative_prompt")
+        self.check_inputs(prompts, negatives, height, width, num_images_per_prompt, num_inference_steps,
+                          output_type, true_cfg_scale, latents, max_sequence_length)
+        if guidance_scale is None:
+            guidance_scale = float(self.lora_sampling.get("guidance_scale", DEFAULT_GUIDANCE))
+        batch = len(prompts) * num_images_per_prompt
+        do_true_cfg = true_cfg_scale > 1.0 and negatives is not None
+        steps = self.noise_levels(num_inference_steps, sigmas, height, width)
+
+        embeddings = repeat_per_image(self.encode_prompt(prompts, max_sequence_length), num_images_per_prompt)
+        negative = None
+        if do_true_cfg:
+            negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
+            negative = repeat_per_image(self.encode_prompt(negatives, max_sequence_length), num_images_per_prompt)
+
+        latent_h, latent_w = height // self.vae_scale_factor, width // self.vae_scale_factor
+        channels = self.transformer.config.in_channels // 4
+        seeds = None
+        if latents is None:
+            seeds = resolve_seeds(seed, batch)
+            latents = pack_latents(seeded_noise(seeds, [channels, latent_h, latent_w], "float32"))
+        elif latents.ndim == 4:
+            latents = pack_latents(latents)
+        latents = latents.astype(self.dtype)
+        img_ids = latent_image_ids(latent_h, latent_w)
+        txt_ids = text_ids(embeddings.sequence.shape[1])
+        guidance = (paddle.full([batch], guidance_scale, dtype="float32")
+                    if self.transformer.config.guidance_embeds else None)
+
+        with paddle.no_grad():
+            for i, t in enumerate(tqdm(self.scheduler.timesteps, total=steps, disable=self._progress_disabled,
+                                       desc="sampling")):
+                timestep = paddle.expand(t.astype("float32").reshape([1]), [batch]) / 1000  # sigma, as diffusers
+                velocity = self._velocity(latents, embeddings, timestep, guidance, img_ids, txt_ids)
+                if do_true_cfg:
+                    v_neg = self._velocity(latents, negative, timestep, guidance, img_ids, txt_ids)
+                    velocity = v_neg + true_cfg_scale * (velocity - v_neg)
+                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                if callback is not None:
+                    callback(i, self.scheduler.sigmas[i + 1].item(), latents)
+
+        used_sigmas = self.scheduler.sigmas.numpy().tolist()
+        if output_type == "latent":
+            return FluxPipelineOutput(images=latents, seeds=seeds, sigmas=used_sigmas)
+        images = self.decode(latents, height, width)
+        if output_type == "pil":
+            from PIL import Image
+
+            images = [Image.fromarray(np.round(image * 255).astype(np.uint8)) for image in images]
+        return FluxPipelineOutput(images=images, seeds=seeds, sigmas=used_sigmas)

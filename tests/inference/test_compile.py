@@ -1,0 +1,88 @@
+"""Compiled transformer (to_static, Paddle Inference predictor) against the dygraph model."""
+import numpy as np
+import paddle
+import pytest
+
+from ppdiffusers_fast.inference.compile import build_predictor, compile_transformer, transformer_input_spec
+from ppdiffusers_fast.models.lora import LoraConfig, inject_lora, merge_adapter, set_live_adapters
+from ppdiffusers_fast.models.transformer_flux import FluxTransformer2DModel
+from ppdiffusers_fast.pipelines.latents import latent_image_ids, text_ids
+
+
+def tiny_transformer(guidance_embeds=True):
+    paddle.seed(1)
+    model = FluxTransformer2DModel(in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
+                                   num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                   guidance_embeds=guidance_embeds, axes_dims_rope=[4, 4, 8])
+    model.eval()
+    return model
+
+
+def inputs(batch, rows, cols, text_len, guidance=True):
+    return dict(hidden_states=paddle.randn([batch, rows * cols, 64]),
+                encoder_hidden_states=paddle.randn([batch, text_len, 32]),
+                pooled_projections=paddle.randn([batch, 32]), timestep=paddle.rand([batch]),
+                img_ids=latent_image_ids(2 * rows, 2 * cols), txt_ids=text_ids(text_len),
+                guidance=paddle.full([batch], 3.5) if guidance else None)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_transformer()
+
+
+@pytest.fixture(scope="module")
+def predictor(model, tmp_path_factory):
+    return build_predictor(model, tmp_path_factory.mktemp("predictor"))
+
+
+def test_to_static_matches_dygraph_for_several_shapes(model, capsys):
+    compiled = compile_transformer(model, use_cinn=True)
+    if not paddle.is_compiled_with_cinn():
+        lines = [line for line in capsys.readouterr().out.splitlines() if "CINN" in line]
+        assert len(lines) == 1 and "not available" in lines[0]
+    with paddle.no_grad():
+        for shape in [(2, 3, 4, 16), (1, 2, 2, 7)]:  # batch, token rows, token cols, text tokens: one graph
+            args = inputs(*shape)
+            expected = model(**args).sample.numpy()
+            got = compiled(**args).sample.numpy()
+            assert got.shape == expected.shape
+            assert np.abs(got - expected).max() <= 1e-4
+            assert compiled(**args, return_dict=False)[0].shape == list(expected.shape)
+
+
+def test_predictor_matches_dygraph_for_several_shapes(model, predictor):
+    assert (predictor.save_dir / "transformer.pdiparams").is_file()
+    with paddle.no_grad():
+        for shape in [(2, 3, 4, 16), (3, 1, 2, 5)]:
+            args = inputs(*shape)
+            first = predictor(**args).sample
+            kept = first.numpy().copy()
+            expected = model(**args).sample.numpy()
+            assert np.abs(kept - expected).max() <= 1e-4
+            predictor(**inputs(1, 2, 2, 3))  # a later call leaves an earlier output untouched
+            np.testing.assert_array_equal(first.numpy(), kept)
+
+
+def test_model_without_guidance_embedding():
+    model = tiny_transformer(guidance_embeds=False)
+    assert len(transformer_input_spec(model)) == 6
+    compiled = compile_transformer(model, use_cinn=False)
+    args = inputs(1, 2, 3, 4, guidance=False)
+    with paddle.no_grad():
+        assert np.abs(compiled(**args).sample.numpy() - model(**args).sample.numpy()).max() <= 1e-4
+    with pytest.raises(ValueError, match="guidance must be None"):
+        compiled(**inputs(1, 2, 3, 4))
+
+
+def test_live_lora_must_be_merged_first():
+    model = tiny_transformer()
+    inject_lora(model, LoraConfig(rank=2, alpha=2.0, target_modules=("attn.to_q",)), "student")
+    set_live_adapters(model, "student")
+    with pytest.raises(ValueError, match="merge"):
+        compile_transformer(model)
+    merge_adapter(model, "student", scale=0.5)
+    compiled = compile_transformer(model, use_cinn=False)
+    args = inputs(1, 2, 2, 4)
+    with paddle.no_grad():
+        assert np.abs(compiled(**args).sample.numpy() - model(**args).sample.numpy()).max() <= 1e-4

@@ -1,0 +1,105 @@
+"""The text-to-image entry point on the tiny fixture folder: dygraph, --use_cinn, --inference_optimize, --benchmark."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ppdiffusers_fast.inference import generate_cli
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "examples" / "flux_lightning" / "text_to_image_generation_flux_lightning.py"
+FOLDER = REPO / "tests" / "fixtures" / "pipeline" / "tiny_flux"
+COMMON = ["--pretrained_model_name_or_path", str(FOLDER), "--prompt", "a cat on a chair", "--height", "64",
+          "--width", "48", "--step", "3", "--seed", "7", "--num_images", "2", "--max_sequence_length", "8"]
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def dygraph_pngs(tmp_path_factory):
+    return generate_cli.main(COMMON + ["--output_dir", str(tmp_path_factory.mktemp("dygraph"))])
+
+
+def test_dygraph_writes_one_png_per_image(dygraph_pngs):
+    assert [p.name for p in dygraph_pngs] == ["000_seed7.png", "001_seed8.png"]
+    assert pixels(dygraph_pngs[0]).shape == (64, 48, 3)
+
+
+def test_use_cinn_writes_the_same_pngs(dygraph_pngs, tmp_path, capsys):
+    paths = generate_cli.main(COMMON + ["--output_dir", str(tmp_path), "--use_cinn"])
+    out = capsys.readouterr().out
+    if not generate_cli.paddle.is_compiled_with_cinn():
+        assert sum("CINN is not available" in line for line in out.splitlines()) == 1
+    for mine, reference in zip(paths, dygraph_pngs):
+        assert np.abs(pixels(mine) - pixels(reference)).max() <= 1  # uint8 rounding of outputs within 1e-4
+
+
+def test_inference_optimize_script_writes_the_same_pngs(dygraph_pngs, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(SCRIPT), *COMMON, "--output_dir", str(tmp_path),
+                             "--inference_optimize", "--predictor_dir", str(tmp_path / "predictor")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    paths = sorted(tmp_path.glob("*.png"))
+    assert [p.name for p in paths] == ["000_seed7.png", "001_seed8.png"]
+    assert (tmp_path / "predictor" / "transformer.pdiparams").is_file()
+    for mine, reference in zip(paths, dygraph_pngs):
+        assert np.abs(pixels(mine) - pixels(reference)).max() <= 1
+
+
+def test_benchmark_prints_ms_per_image_and_per_call(tmp_path, capsys):
+    generate_cli.main(COMMON + ["--output_dir", str(tmp_path), "--benchmark", "--warmup", "1", "--repeats", "1",
+                                "--prompt_file", str(write_prompts(tmp_path))])
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("benchmark"))
+    assert "ms per image" in line and "ms per transformer call (3 calls)" in line and "6 images" in line
+    assert len(list(tmp_path.glob("*.png"))) == 6  # 2 prompts from the file + --prompt, 2 images each
+
+
+def write_prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red apple\n\n  a blue car  \n")
+    return path
+
+
+def test_without_model_says_what_to_pass(monkeypatch, capsys):
+    monkeypatch.setattr(generate_cli, "DEMO_MODEL", Path("/nonexistent/demo_model"))
+    with pytest.raises(SystemExit) as exit_info:
+        generate_cli.main([])
+    assert exit_info.value.code != 0
+    message = str(exit_info.value.code)
+    assert "--pretrained_model_name_or_path" in message and "--path_to_lora" in message
+
+
+def test_size_not_multiple_of_16_is_refused_before_loading(tmp_path):
+    with pytest.raises(SystemExit, match="--height 40 is not a positive multiple of 16"):
+        generate_cli.main(["--pretrained_model_name_or_path", str(tmp_path / "absent"), "--height", "40"])
+
+
+def test_lora_metadata_and_compiled_student(tmp_path, capsys):
+    import paddle
+
+    from ppdiffusers_fast.models.lora import LoraConfig, inject_lora, layers_with_adapter
+    from ppdiffusers_fast.models.lora_io import save_lora
+    from ppdiffusers_fast.models.weights import load_flux_transformer
+
+    model = load_flux_transformer(FOLDER / "transformer")
+    inject_lora(model, LoraConfig(rank=2, alpha=2.0, target_modules=("attn.to_k", "proj_out")), "student")
+    for _, layer in layers_with_adapter(model, "student"):
+        b = layer.lora_adapters["student"].lora_B
+        b.set_value(paddle.full(b.shape, 0.05))
+    lora = tmp_path / "student.safetensors"
+    save_lora(model, "student", lora, sampling=dict(num_inference_steps=2, multiphase=2, num_euler_timesteps=10,
+                                                      guidance_scale=3.0, lora_scale=0.8))
+    args = COMMON + ["--path_to_lora", str(lora), "--step", "2"]
+    live = generate_cli.main(args + ["--output_dir", str(tmp_path / "live")])
+    assert "scale 0.8" in capsys.readouterr().out
+    fused = generate_cli.main(args + ["--output_dir", str(tmp_path / "fused"), "--use_cinn"])
+    for mine, reference in zip(fused, live):
+        assert np.abs(pixels(mine) - pixels(reference)).max() <= 1
