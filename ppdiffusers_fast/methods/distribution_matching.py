@@ -1,0 +1,172 @@
+"""Distribution matching component (DMD / DMD2; ALGORITHMS.md, "Distribution matching").
+
+On the generator's clean sample ``x0_hat`` ([B, L, C], with graph):
+
+    j ~ U{1, ..., N - 1},  s = sigma_j                      (a level of the batch's solver grid)
+    x_s     = (1 - s) x0_hat + s eps                         (from stopgrad(x0_hat); no graph)
+    x0_real = x_s - s v_teacher(x_s, s)                      (no adapter live, guided as the teacher)
+    x0_fake = x_s - s v_fake(x_s, s)                         (the fake score, no graph)
+    L_dmd   = dmd_loss(x0_hat, x0_real, x0_fake)             (x0-space normaliser, losses.distribution_matching)
+
+Two fake scores (``--dmd_fake_score``):
+
+- ``student``: the student adapter itself (FLUX-Lightning, seed 000): no extra parameters or optimizer;
+- ``adapter``: a second LoRA adapter ``fake_score`` on the same frozen base (no second copy of the 12B model),
+  trained on the generator's samples with the flow-matching loss ``mse(v_fake(x_s, s), eps - x0_hat)`` as its
+  own parameter group ("fake_score"), with its own optimizer and ``--dmd_fake_score_updates`` updates per
+  generator update (the two time-scale update rule of DMD2, Yin et al. 2024, section 4.1).
+"""
+from dataclasses import dataclass, field, replace
+from typing import List, Optional
+
+import paddle
+
+from .. import schedules
+from ..losses import dmd_loss, flow_matching_loss
+from ..models.lora import LoraConfig, adapter_parameters, inject_lora, use_adapters
+from .denoiser import teacher_velocity
+from .reflow import draw_grid_index
+
+__all__ = ["DistributionMatchingConfig", "DMDOutput", "DistributionMatching", "FAKE_SCORE_ADAPTER", "FAKE_SCORES"]
+
+FAKE_SCORE_ADAPTER = "fake_score"
+FAKE_SCORES = ("auto", "student", "adapter")
+
+
+def _f(default, help, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class DistributionMatchingConfig:
+    use_dmd_loss: bool = _f(True, "add the distribution matching loss to the generator (flux_lightning)")
+    dmd_weight: float = _f(0.01, "weight of the distribution matching loss in the generator loss (flux_lightning)")
+    dmd_fake_score: str = _f("auto", "fake score: the student adapter itself (FLUX-Lightning) or a second LoRA "
+                             "adapter trained with the flow-matching loss (DMD2); auto: the method's own "
+                             "(student for flux_lightning, adapter for dmd2)", choices=list(FAKE_SCORES))
+    dmd_fake_score_updates: int = _f(5, "fake-score updates per generator update (with --dmd_fake_score adapter)")
+    dmd_fake_score_lr: Optional[float] = _f(None, "learning rate of the fake-score adapter (None: --learning_rate)")
+    dmd_guidance_scale: Optional[float] = _f(None, "teacher guidance of the real score (None: --guidance_scale)")
+
+    def validate(self) -> None:
+        if self.dmd_fake_score not in FAKE_SCORES:
+            raise ValueError(f"--dmd_fake_score must be one of {FAKE_SCORES}, got {self.dmd_fake_score!r}")
+        if not self.dmd_weight >= 0:
+            raise ValueError(f"--dmd_weight must be >= 0, got {self.dmd_weight}")
+        if self.dmd_fake_score_updates < 1:
+            raise ValueError(f"--dmd_fake_score_updates must be >= 1, got {self.dmd_fake_score_updates}")
+        if self.dmd_fake_score_lr is not None and not self.dmd_fake_score_lr > 0:
+            raise ValueError(f"--dmd_fake_score_lr must be positive, got {self.dmd_fake_score_lr}")
+
+    def with_default_fake_score(self, fake_score: str) -> "DistributionMatchingConfig":
+        """This config with ``dmd_fake_score="auto"`` resolved to the method's ``fake_score``."""
+        return replace(self, dmd_fake_score=fake_score) if self.dmd_fake_score == "auto" else self
+
+    @property
+    def trains_fake_score(self) -> bool:
+        if self.dmd_fake_score == "auto":
+            raise ValueError("dmd_fake_score 'auto' is resolved by the method (with_default_fake_score)")
+        return self.dmd_fake_score == "adapter"
+
+
+@dataclass
+class DMDOutput:
+    """One distribution matching evaluation.
+
+    Attributes:
+        loss: 0-d unweighted ``L_dmd`` (graph into ``x0_hat`` only).
+        s: ``[B]`` levels used; x_s: ``[B, L, C]``; x0_real, x0_fake: ``[B, L, C]`` (no graph).
+    """
+
+    loss: paddle.Tensor
+    s: paddle.Tensor
+    x_s: paddle.Tensor
+    x0_real: paddle.Tensor
+    x0_fake: paddle.Tensor
+
+
+class DistributionMatching:
+    """DMD generator loss and, for ``dmd_fake_score="adapter"``, the fake score's own loss.
+
+    Args:
+        denoiser: the ``FluxDenoiser`` (not owned: the method holds it).
+        config: :class:`DistributionMatchingConfig`.
+        student_adapter: the student's adapter name (the fake score when ``dmd_fake_score="student"``).
+        guidance_scale: the teacher's guidance (``config.dmd_guidance_scale`` overrides it for the real score).
+        guidance_mode: ``"embedded"`` or ``"cfg"`` (``denoiser.resolve_guidance_mode``).
+        unconditional: the empty prompt's condition (CFG teachers).
+        lora_config: shape of the fake-score adapter (required for ``dmd_fake_score="adapter"``).
+    """
+
+    def __init__(self, denoiser, config: DistributionMatchingConfig, student_adapter: str, guidance_scale: float,
+                 guidance_mode: str, unconditional=None, lora_config: Optional[LoraConfig] = None):
+        config.validate()
+        if config.dmd_fake_score == "auto":
+            raise ValueError("resolve dmd_fake_score 'auto' first (DistributionMatchingConfig.with_default_fake_score)")
+        self.denoiser = denoiser
+        self.config = config
+        self.student_adapter = student_adapter
+        self.real_guidance_scale = guidance_scale if config.dmd_guidance_scale is None else config.dmd_guidance_scale
+        self.guidance_mode = guidance_mode
+        self.unconditional = unconditional
+        if config.trains_fake_score:
+            if lora_config is None:
+                raise ValueError("--dmd_fake_score adapter needs a LoraConfig for the fake-score adapter")
+            inject_lora(denoiser.transformer, lora_config, FAKE_SCORE_ADAPTER)
+            for param in adapter_parameters(denoiser.transformer, FAKE_SCORE_ADAPTER):
+                param.stop_gradient = False
+
+    @property
+    def fake_score_adapter(self) -> str:
+        return FAKE_SCORE_ADAPTER if self.config.trains_fake_score else self.student_adapter
+
+    def trainable_parameters(self) -> List[paddle.Tensor]:
+        """The fake-score adapter's parameters (the "fake_score" group); empty for the student fake score."""
+        if not self.config.trains_fake_score:
+            return []
+        return adapter_parameters(self.denoiser.transformer, FAKE_SCORE_ADAPTER)
+
+    def optimizer_overrides(self) -> dict:
+        lr = self.config.dmd_fake_score_lr
+        return {} if lr is None else {"learning_rate": lr}
+
+    @staticmethod
+    def draw_levels(grid: paddle.Tensor, batch_size: int) -> paddle.Tensor:
+        """``[B]`` levels ``sigma_j``, ``j ~ U{1..N-1}`` (both scores are degenerate at 0 and 1; all of [0, 1] if N = 1)."""
+        n = grid.shape[0] - 1
+        low, high = (1, n - 1) if n > 1 else (0, n)
+        return paddle.gather(grid, draw_grid_index(low, high, batch_size))
+
+    def generator_loss(self, x0_hat, cond, fake_cond, s, noise: Optional[paddle.Tensor] = None) -> DMDOutput:
+        """``L_dmd`` on the generator's clean samples.
+
+        Args:
+            x0_hat: ``[B, L, C]`` generated clean samples (with graph).
+            cond: the batch's condition for the teacher (guidance added by the teacher).
+            fake_cond: the condition the fake score sees (the student's, with embedded guidance if any).
+            s: ``[B]`` levels (:meth:`draw_levels`); noise: ``[B, L, C]`` (drawn when None).
+        """
+        if noise is None:
+            noise = paddle.randn(x0_hat.shape, dtype="float32")
+        with paddle.no_grad():
+            x_s = schedules.add_noise(x0_hat.detach().astype("float32"), noise, s)
+            v_real = teacher_velocity(self.denoiser, x_s, s, cond, self.real_guidance_scale, self.guidance_mode,
+                                      self.unconditional)
+            with use_adapters(self.denoiser.transformer, self.fake_score_adapter):
+                v_fake = self.denoiser(x_s, s, fake_cond)
+            x0_real = schedules.x0_from_velocity(x_s, s, v_real.astype("float32"))
+            x0_fake = schedules.x0_from_velocity(x_s, s, v_fake.astype("float32"))
+        loss = dmd_loss(x0_hat, x0_real, x0_fake)
+        return DMDOutput(loss, s, x_s, x0_real, x0_fake)
+
+    def fake_score_loss(self, x0_hat, fake_cond, s, noise: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+        """Flow-matching loss of the fake-score adapter on ``stopgrad(x0_hat)`` at levels ``s`` (0-d float32)."""
+        if not self.config.trains_fake_score:
+            raise RuntimeError("the student is the fake score (--dmd_fake_score student): it has no loss of its own")
+        x0 = x0_hat.detach().astype("float32")
+        if noise is None:
+            noise = paddle.randn(x0.shape, dtype="float32")
+        x_s = schedules.add_noise(x0, noise, s)
+        with use_adapters(self.denoiser.transformer, FAKE_SCORE_ADAPTER):
+            v_fake = self.denoiser(x_s, s, fake_cond)
+        return flow_matching_loss(v_fake, x0, noise)

@@ -1,0 +1,222 @@
+"""DMD2: distribution matching + GAN for a few-step generator (Yin et al. 2024, "Improved Distribution Matching
+Distillation for Fast Image Synthesis"; ALGORITHMS.md, "Distribution matching").
+
+The student LoRA is a K-step generator on the phase-edge levels ``t_0 = 1 > t_1 > ... > t_K = 0`` of the
+batch's resolution (``schedules.phase_sigmas``), sampled exactly as the inference entry point samples it:
+Euler jumps ``x_{t_{k+1}} = x_{t_k} + (t_{k+1} - t_k) v``. One step:
+
+1. draw a generator step ``k ~ U{0..K-1}`` (one per batch) and build its input ``x_{t_k}``: by backward
+   simulation (DMD2, section 4.5: the student's own k first jumps from pure noise, no graph; default) or by
+   noising the data (``--no_dmd2_backward_simulation``);
+2. the student's clean sample ``x0_hat = x_{t_k} - t_k v_theta(x_{t_k}, t_k)`` (graph on generator steps);
+3. generator: ``L_dmd(x0_hat)`` with the fake-score adapter + ``dmd2_gan_weight * L_G`` on the block heads;
+4. fake score ("fake_score" adapter): ``mse(v_fake(x_s, s), eps - stopgrad(x0_hat))``, every step;
+5. discriminator (heads): real = data, fake = ``stopgrad(x0_hat)``, both re-noised from 0 to ``r = sigma_j``,
+   ``j ~ U{0..N-1}``, hinge loss, every step.
+
+Two time-scale rule: the fake score and the heads update every step, the generator every
+``--dmd_fake_score_updates`` steps (5 in DMD2), starting at step 0.
+"""
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import paddle
+
+from .. import schedules
+from ..models.lora import LoraConfig, adapter_parameters, inject_lora, use_adapters
+from ..schedulers.samplers import sample_euler
+from .adversarial import AdversarialConfig, AdversarialLearning, latent_grid_hw
+from .base import DistillationMethod, StepResult
+from .denoiser import FluxCondition, FluxDenoiser, resolve_guidance_mode
+from .distribution_matching import DistributionMatching, DistributionMatchingConfig
+from .pcm import STUDENT, LatentBatch, PCMConfig
+from .reflow import draw_grid_index
+
+__all__ = ["DMD2Config", "DMD2"]
+
+LORA_FILE = "dmd2_lora.safetensors"
+
+
+def _f(default, help, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class DMD2Config:
+    dmd2_gan_weight: float = _f(5e-3, "weight of the GAN generator loss next to the DMD loss (dmd2; 0 = no GAN)")
+    dmd2_backward_simulation: bool = _f(True, "build the generator's input at step k by running its own first k "
+                                        "steps from noise (DMD2); off: noise the training latents")
+
+    def validate(self) -> None:
+        if not self.dmd2_gan_weight >= 0:
+            raise ValueError(f"--dmd2_gan_weight must be >= 0, got {self.dmd2_gan_weight}")
+
+
+def _refuse_flux_lightning_settings(adversarial: AdversarialConfig, dmd: DistributionMatchingConfig) -> None:
+    """FLUX-Lightning's weights and alternation have no meaning here: refuse them rather than ignore them."""
+    adv_default, dmd_default = AdversarialConfig(), DistributionMatchingConfig()
+    given = [flag for flag, value, default in (
+        ("--adv_weight", adversarial.adv_weight, adv_default.adv_weight),
+        ("--adv_alternate", adversarial.adv_alternate, adv_default.adv_alternate),
+        ("--dmd_weight", dmd.dmd_weight, dmd_default.dmd_weight)) if value != default]
+    if given:
+        raise ValueError(f"dmd2 does not use {', '.join(given)} (flux_lightning settings): its generator loss is "
+                         f"L_dmd + --dmd2_gan_weight * L_G, and the heads update at every step")
+
+
+class DMD2(DistillationMethod):
+    """DMD2 distillation of a FLUX teacher into a K-step LoRA generator with a LoRA fake score.
+
+    Args:
+        denoiser: ``FluxDenoiser`` around the frozen base.
+        lora_config: shape of the student and fake-score adapters.
+        schedule: the few-step settings shared with PCM (``num_euler_timesteps`` N for the level grid,
+            ``multiphase`` K generator steps, ``guidance_scale`` of the teacher).
+        dmd: distribution matching settings; its fake score must be the adapter.
+        adversarial: heads settings (``adv_lr``, ``adv_head_channels``, ``adv_loss_type``; the weight is
+            ``DMD2Config.dmd2_gan_weight``).
+        teacher_guidance: ``auto|embedded|cfg``; unconditional: the empty prompt (CFG teachers).
+    """
+
+    def __init__(self, denoiser: FluxDenoiser, lora_config: LoraConfig, schedule: PCMConfig,
+                 dmd: DistributionMatchingConfig, adversarial: AdversarialConfig, config: DMD2Config,
+                 teacher_guidance: str = "auto", unconditional: Optional[FluxCondition] = None):
+        super().__init__()
+        for part in (schedule, config, adversarial, dmd):
+            part.validate()
+        _refuse_flux_lightning_settings(adversarial, dmd)
+        dmd = dmd.with_default_fake_score("adapter")
+        if not dmd.trains_fake_score:
+            raise ValueError("dmd2 trains its own fake score: use --dmd_fake_score adapter (the student as fake "
+                             "score is the FLUX-Lightning variant, --method flux_lightning)")
+        if not dmd.use_dmd_loss:
+            raise ValueError("dmd2 is distribution matching: --no_use_dmd_loss does not apply")
+        self.denoiser = denoiser
+        self.schedule = schedule
+        self.config = config
+        self.guidance_mode = resolve_guidance_mode(denoiser, teacher_guidance)
+        if self.guidance_mode == "cfg" and schedule.guidance_scale != 1.0 and unconditional is None:
+            raise ValueError("a CFG teacher (no guidance embedding) needs the unconditional embedding of the "
+                             "empty prompt")
+        self.unconditional = unconditional
+        inject_lora(denoiser.transformer, lora_config, STUDENT)
+        for param in adapter_parameters(denoiser.transformer, STUDENT):
+            param.stop_gradient = False
+        self.dmd_config = dmd
+        self.dmd = DistributionMatching(denoiser, dmd, STUDENT, schedule.guidance_scale, self.guidance_mode,
+                                        unconditional, lora_config)
+        self.adversarial = None
+        if config.dmd2_gan_weight > 0:
+            self.adversarial = AdversarialLearning(denoiser, adversarial)
+
+    # ------------------------------------------------------------------ trainer interface
+    def parameter_groups(self) -> Dict[str, List[paddle.Tensor]]:
+        groups = {"generator": adapter_parameters(self.denoiser.transformer, STUDENT),
+                  "fake_score": self.dmd.trainable_parameters()}
+        if self.adversarial is not None:
+            groups["discriminator"] = self.adversarial.trainable_parameters()
+        return groups
+
+    def update_schedule(self, step: int) -> List[str]:
+        """Fake score and heads every step; the generator at steps 0, n, 2n, ... (n = --dmd_fake_score_updates)."""
+        groups = ["generator"] if step % self.dmd_config.dmd_fake_score_updates == 0 else []
+        groups.append("fake_score")
+        if self.adversarial is not None:
+            groups.append("discriminator")
+        return groups
+
+    def group_hyperparameters(self) -> Dict[str, dict]:
+        overrides = {}
+        if self.dmd.optimizer_overrides():
+            overrides["fake_score"] = self.dmd.optimizer_overrides()
+        if self.adversarial is not None:
+            overrides["discriminator"] = self.adversarial.optimizer_overrides()
+        return overrides
+
+    # ------------------------------------------------------------------ the generator
+    def student_condition(self, cond: FluxCondition) -> FluxCondition:
+        """The student sees the teacher's guidance scale when the base has a guidance embedding."""
+        return cond.with_guidance(self.schedule.guidance_scale) if self.guidance_mode == "embedded" else cond
+
+    def generator_levels(self, num_image_tokens: int) -> paddle.Tensor:
+        """``[K + 1]`` levels ``1 -> 0`` of the K-step generator at the shift of ``num_image_tokens``."""
+        mu = schedules.resolution_mu(num_image_tokens)
+        return schedules.phase_sigmas(self.schedule.multiphase, self.schedule.num_euler_timesteps, mu)
+
+    def _student_velocity(self, x, sigma, cond: FluxCondition):
+        """``(v [B, L, C] float32, sigma [B])`` of the student at level ``sigma`` (float or ``[B]``)."""
+        level = sigma if isinstance(sigma, paddle.Tensor) else paddle.full([x.shape[0]], sigma, dtype="float32")
+        with use_adapters(self.denoiser.transformer, STUDENT):
+            return self.denoiser(x, level, cond).astype("float32"), level
+
+    def generator_input(self, x0, k: int, levels: List[float], cond: FluxCondition):
+        """``x_{t_k}`` ([B, L, C], no graph): k student jumps from pure noise, or the data noised to ``t_k``."""
+        noise = paddle.randn(x0.shape, dtype="float32")
+        if not self.config.dmd2_backward_simulation:
+            return schedules.add_noise(x0, noise, levels[k])
+        x = noise
+        with paddle.no_grad():
+            for j in range(k):
+                velocity, _ = self._student_velocity(x, levels[j], cond)
+                x = schedules.euler_step(x, levels[j], levels[j + 1], velocity)
+        return x
+
+    def train_step(self, batch: LatentBatch, step: int) -> List[StepResult]:
+        groups = self.update_schedule(step)
+        generator = "generator" in groups
+        x0 = batch.latents.astype("float32")
+        bsz, num_tokens = x0.shape[0], x0.shape[1]
+        levels = [float(v) for v in self.generator_levels(num_tokens).numpy()]
+        k = int(paddle.randint(0, self.schedule.multiphase, [1]).item())
+        student_cond = self.student_condition(batch.cond)
+        x_k = self.generator_input(x0, k, levels, student_cond)
+        with paddle.set_grad_enabled(generator):
+            velocity, level = self._student_velocity(x_k, levels[k], student_cond)
+            x0_hat = schedules.x0_from_velocity(x_k, level, velocity)
+        grid = schedules.solver_grid(self.schedule.num_euler_timesteps, schedules.resolution_mu(num_tokens))
+
+        results: List[StepResult] = []
+        losses: Dict[str, paddle.Tensor] = {}
+        metrics = {"generator_step_index": float(k)}
+        if generator:
+            out = self.dmd.generator_loss(x0_hat, batch.cond, student_cond, self.dmd.draw_levels(grid, bsz))
+            losses["dmd"] = out.loss
+        fake_loss = self.dmd.fake_score_loss(x0_hat, student_cond, self.dmd.draw_levels(grid, bsz))
+        results.append(StepResult({"fake_score": fake_loss}, "fake_score"))
+        if self.adversarial is not None:
+            r = paddle.gather(grid, draw_grid_index(0, self.schedule.num_euler_timesteps - 1, bsz))
+            adv = self.adversarial.losses(x0, x0_hat, 0.0, r, student_cond, latent_grid_hw(batch),
+                                          generator=generator, discriminator=True)
+            metrics.update(adv.metrics())
+            results.append(StepResult({"adv_d": adv.discriminator}, "discriminator"))
+            if generator:
+                losses["adv_g"] = self.config.dmd2_gan_weight * adv.generator
+                metrics["adv_g_unweighted"] = adv.generator.item()
+        if generator:
+            results.insert(0, StepResult(losses, "generator", metrics))
+        else:
+            results[0].metrics.update(metrics)
+        return results
+
+    # ------------------------------------------------------------------ sampling and export
+    @paddle.no_grad()
+    def sample(self, noise, cond: FluxCondition, sigmas=None):
+        """K-step student sample from ``noise [B, L, C]``, as the inference entry point samples it."""
+        sigmas = self.generator_levels(noise.shape[1]) if sigmas is None else sigmas
+        student_cond = self.student_condition(cond)
+        return sample_euler(lambda x, s: self._student_velocity(x, s, student_cond)[0], noise, sigmas)
+
+    def sampling_metadata(self) -> dict:
+        """Settings the inference entry point needs (K Euler jumps between the phase edges)."""
+        k = self.schedule.multiphase
+        return {"num_inference_steps": k, "multiphase": k, "num_euler_timesteps": self.schedule.num_euler_timesteps,
+                "guidance_scale": self.schedule.guidance_scale, "lora_scale": 1.0}
+
+    def export(self, output_dir: str) -> Optional[str]:
+        """Write the student LoRA with its sampling metadata to ``output_dir/dmd2_lora.safetensors``."""
+        from ..models.lora_io import save_lora
+
+        path = os.path.join(output_dir, LORA_FILE)
+        save_lora(self.denoiser.transformer, STUDENT, path, sampling=self.sampling_metadata())
+        return path

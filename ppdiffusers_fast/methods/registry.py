@@ -1,0 +1,51 @@
+"""Build a distillation method by name from the typed config sections (what the training script calls).
+
+    method = build_method(config.run.method, FluxDenoiser(transformer), lora_config, config,
+                          teacher_guidance=config.model.teacher_guidance, unconditional=uncond)
+
+``config`` is any object with the sections the method reads as attributes: ``pcm`` (``PCMConfig``) always;
+``adversarial``, ``dmd``, ``reflow`` for ``flux_lightning``; ``adversarial``, ``dmd``, ``dmd2`` for ``dmd2``.
+``METHOD_SECTIONS`` lists the section classes for ``training.config.TrainConfig`` (field names are unique
+across sections, so each field is one command-line flag).
+"""
+from typing import Optional
+
+from .adversarial import AdversarialConfig
+from .base import DistillationMethod
+from .denoiser import FluxCondition, FluxDenoiser
+from .distribution_matching import DistributionMatchingConfig
+from .dmd2 import DMD2, DMD2Config
+from .flux_lightning import FluxLightning
+from .pcm import PCM
+from .reflow import ReflowConfig
+
+__all__ = ["METHODS", "METHOD_SECTIONS", "build_method"]
+
+METHODS = ("pcm", "dmd2", "flux_lightning")
+METHOD_SECTIONS = {"adversarial": AdversarialConfig, "dmd": DistributionMatchingConfig, "reflow": ReflowConfig,
+                   "dmd2": DMD2Config}
+_NEEDS = {"pcm": ("pcm",), "flux_lightning": ("pcm", "adversarial", "dmd", "reflow"),
+          "dmd2": ("pcm", "adversarial", "dmd", "dmd2")}
+
+
+def _sections(name: str, config):
+    missing = [section for section in _NEEDS[name] if getattr(config, section, None) is None]
+    if missing:
+        raise ValueError(f"--method {name} needs the config sections {missing}, which the config lacks "
+                         f"(add methods.registry.METHOD_SECTIONS to the training config)")
+    return {section: getattr(config, section) for section in _NEEDS[name]}
+
+
+def build_method(name: str, denoiser: FluxDenoiser, lora_config, config, teacher_guidance: str = "auto",
+                 unconditional: Optional[FluxCondition] = None) -> DistillationMethod:
+    """The method ``name`` (one of ``METHODS``) on ``denoiser``, with adapters of shape ``lora_config``."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {METHODS}")
+    sections = _sections(name, config)
+    if name == "dmd2":
+        return DMD2(denoiser, lora_config, sections["pcm"], sections["dmd"], sections["adversarial"],
+                    sections["dmd2"], teacher_guidance, unconditional)
+    pcm = PCM(denoiser, sections["pcm"], lora_config, teacher_guidance, unconditional)
+    if name == "pcm":
+        return pcm
+    return FluxLightning(pcm, sections["adversarial"], sections["dmd"], sections["reflow"], lora_config)

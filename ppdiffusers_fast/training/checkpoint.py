@@ -1,0 +1,181 @@
+"""Atomic, resumable training checkpoints (safetensors + JSON; nothing is pickled).
+
+Layout of ``<output_dir>/checkpoint-<step>/``:
+
+    trainable.safetensors         every adapter and trainable head of the method (structured names),
+                                  plus extra state such as an EMA adapter; stored as float32
+    optimizer-<group>.safetensors AdamW moments, beta powers and master weights, "<param>::<state>"
+    training_state.json           step, per-group scheduler state and learning rate, world size
+    rank-<r>.json                 RNG states (paddle, numpy, python) and data position of rank r
+    config.json                   the resolved training config
+
+A checkpoint is written into ``<output_dir>/.tmp-checkpoint-<step>-<pid>/`` and renamed to its final
+name only when complete (``os.replace`` of a directory on the same file system), so a process killed
+while writing leaves the previous checkpoints untouched; stale temporary folders are ignored when
+looking for the latest checkpoint and removed by the next save. Only the newest ``total_limit``
+checkpoints are kept.
+"""
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+from ..models.safetensors_io import load_file, save_file
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TEMP_PREFIX = ".tmp-checkpoint-"
+STATE_FILE = "training_state.json"
+TRAINABLE_FILE = "trainable.safetensors"
+FORMAT_VERSION = 1
+
+
+def optimizer_file(group: str) -> str:
+    return f"optimizer-{group}.safetensors"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank-{rank}.json"
+
+
+def save_arrays(arrays: Dict[str, np.ndarray], path) -> None:
+    """Write float arrays as F32 safetensors (bf16/fp16 widen exactly)."""
+    save_file({name: (np.asarray(a, dtype=np.float32), "F32") for name, a in arrays.items()}, path)
+
+
+def write_json(payload, path) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_json(path) -> dict:
+    with open(path, "r", encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def list_checkpoints(output_dir) -> List[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first (temporary folders excluded)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = CHECKPOINT_PATTERN.match(child.name)
+        if match and child.is_dir() and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume_path(resume_from: Optional[str], output_dir) -> Optional[Path]:
+    """``None``/"" -> None; ``"latest"`` -> newest checkpoint or None; a path -> that checkpoint (checked)."""
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume_from)
+    if not path.is_absolute() and not path.exists():
+        path = Path(output_dir) / resume_from
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume_from}: {path} is not a checkpoint folder "
+                                f"(no {STATE_FILE})")
+    return path
+
+
+class CheckpointWriter:
+    """Writes checkpoint folders atomically and prunes old ones.
+
+    ``write(step, fill)`` calls ``fill(temp_dir)`` to write the files, then renames. In data-parallel runs
+    the trainer lets every rank write its ``rank-<r>.json`` into the same temporary folder (shared file
+    system) between barriers; only rank 0 renames and prunes.
+    """
+
+    def __init__(self, output_dir, total_limit: Optional[int] = None):
+        self.output_dir = Path(output_dir)
+        self.total_limit = total_limit
+
+    def temp_dir(self, step: int) -> Path:
+        return self.output_dir / f"{TEMP_PREFIX}{step}"
+
+    def final_dir(self, step: int) -> Path:
+        return self.output_dir / f"checkpoint-{step}"
+
+    def remove_stale_temp_dirs(self) -> None:
+        if not self.output_dir.is_dir():
+            return
+        for child in self.output_dir.iterdir():
+            if child.name.startswith(TEMP_PREFIX) and child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+
+    def begin(self, step: int) -> Path:
+        """Create an empty temporary folder for ``step``."""
+        self.remove_stale_temp_dirs()
+        temp = self.temp_dir(step)
+        temp.mkdir(parents=True)
+        return temp
+
+    def commit(self, step: int) -> Path:
+        """Rename the finished temporary folder to ``checkpoint-<step>`` and prune old checkpoints."""
+        temp, final = self.temp_dir(step), self.final_dir(step)
+        if not (temp / STATE_FILE).is_file():
+            raise RuntimeError(f"checkpoint {temp} is incomplete (no {STATE_FILE}); not committing it")
+        if final.exists():  # the same step saved again (e.g. the end of a resumed run): replace it
+            trash = self.output_dir / f"{TEMP_PREFIX}{step}-replaced"
+            os.replace(final, trash)
+            os.replace(temp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(temp, final)
+        self.prune()
+        return final
+
+    def abort(self, step: int) -> None:
+        shutil.rmtree(self.temp_dir(step), ignore_errors=True)
+
+    def prune(self) -> None:
+        if not self.total_limit:
+            return
+        checkpoints = list_checkpoints(self.output_dir)
+        for old in checkpoints[: max(len(checkpoints) - self.total_limit, 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def write(self, step: int, fill: Callable[[Path], None]) -> Path:
+        """Single-process convenience: ``begin``, ``fill(temp)``, ``commit`` (temporary folder removed on error)."""
+        temp = self.begin(step)
+        try:
+            fill(temp)
+        except BaseException:
+            self.abort(step)
+            raise
+        return self.commit(step)
+
+
+def load_trainable(path) -> Dict[str, np.ndarray]:
+    return load_file(Path(path) / TRAINABLE_FILE)
+
+
+def load_optimizer_arrays(path, group: str) -> Dict[str, np.ndarray]:
+    file = Path(path) / optimizer_file(group)
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint {path} has no optimizer state for group '{group}' ({file.name})")
+    return load_file(file)
+
+
+def load_training_state(path) -> dict:
+    state = read_json(Path(path) / STATE_FILE)
+    if state.get("format") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {path} has format {state.get('format')}, expected {FORMAT_VERSION}")
+    return state
+
+
+def load_rank_state(path, rank: int) -> dict:
+    file = Path(path) / rank_file(rank)
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint {path} has no state for rank {rank} ({file.name}); "
+                                "resume with the world size it was written with")
+    return read_json(file)

@@ -1,0 +1,123 @@
+"""Training logs: VisualDL scalars and images, a tqdm bar, the non-finite loss stop, validation samples.
+
+Scalars per update: ``loss/<name>`` for each named loss (mean over micro-batches and ranks),
+``metric/<name>``, ``lr/<group>``, ``grad_norm/<group>`` (before clipping), ``time/step_seconds`` and
+``time/samples_per_second``. Images: ``validation/<i>`` every ``validation_steps`` updates from
+:class:`Validator`. Only rank 0 writes.
+"""
+import math
+import sys
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import paddle
+from tqdm.auto import tqdm
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; training stops and writes no new checkpoint."""
+
+    def __init__(self, name: str, value: float, step: int):
+        super().__init__(f"loss '{name}' is {value} at step {step}; training stopped, no checkpoint written "
+                         f"for this step (resume from the last checkpoint with a lower learning rate or "
+                         f"--max_grad_norm)")
+        self.name, self.value, self.step = name, value, step
+
+
+def check_finite(losses: Dict[str, float], step: int) -> None:
+    """Raise :class:`NonFiniteLossError` naming the first NaN/inf loss."""
+    for name, value in losses.items():
+        if not math.isfinite(value):
+            raise NonFiniteLossError(name, value, step)
+
+
+class TrainingLogger:
+    """VisualDL writer (rank 0, ``report_to="visualdl"``) plus a tqdm progress bar."""
+
+    def __init__(self, log_dir: Optional[str], enabled: bool, total_steps: int, initial_step: int = 0,
+                 report_to: str = "visualdl", run_name: str = "train"):
+        self.enabled = enabled
+        self.writer = None
+        if enabled and report_to == "visualdl" and log_dir:
+            from visualdl import LogWriter
+
+            self.writer = LogWriter(logdir=log_dir, display_name=run_name)
+        elif report_to not in ("visualdl", "none"):
+            raise ValueError(f"--report_to must be visualdl or none, got {report_to!r}")
+        interactive = sys.stderr.isatty()
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc="Steps", disable=not enabled,
+                        dynamic_ncols=interactive, mininterval=0.1 if interactive else 30.0)
+        self.history: List[Dict[str, float]] = []
+
+    def log_scalars(self, step: int, scalars: Dict[str, float]) -> None:
+        self.history.append(dict(scalars, step=step))
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag=tag, value=float(value), step=step)
+        losses = {k.split("/", 1)[1]: v for k, v in scalars.items() if k.startswith("loss/")}
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
+        self.bar.update(1)
+
+    def log_images(self, step: int, tag: str, images: Sequence[np.ndarray]) -> None:
+        """``images``: ``[H, W, 3]`` uint8 arrays."""
+        if self.writer is None:
+            return
+        for i, image in enumerate(images):
+            self.writer.add_image(tag=f"{tag}/{i}", img=image, step=step)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def latent_preview(tokens: paddle.Tensor, latent_size) -> List[np.ndarray]:
+    """A quick RGB view of packed latents without a VAE: the first 3 latent channels, min-max scaled.
+
+    Args:
+        tokens: ``[B, L, 4C]`` packed latents; latent_size: ``(H, W)`` of the latent grid.
+    Returns:
+        B arrays ``[H, W, 3]`` uint8.
+    """
+    from ..pipelines.latents import unpack_latents
+
+    latents = unpack_latents(tokens.astype("float32"), *latent_size).numpy()
+    images = []
+    for latent in latents:
+        rgb = np.repeat(latent[:1], 3, axis=0) if latent.shape[0] < 3 else latent[:3]
+        low, high = rgb.min(), rgb.max()
+        rgb = (rgb - low) / max(high - low, 1e-8)
+        images.append((rgb.transpose(1, 2, 0) * 255).round().astype(np.uint8))
+    return images
+
+
+class Validator:
+    """Samples fixed prompts from fixed noise with the method's few-step sampler.
+
+    Args:
+        cond: the fixed prompts' ``FluxCondition`` (batch P).
+        noise: ``[P, L, C]`` fixed start noise.
+        decode: ``(tokens [n, L, C]) -> list of [H, W, 3] uint8`` (VAE decode, or :func:`latent_preview`).
+        batch_size: samples per sampler call (``--sample_batch_size``).
+    """
+
+    def __init__(self, cond, noise: paddle.Tensor, decode: Callable[[paddle.Tensor], List[np.ndarray]],
+                 batch_size: int = 4):
+        self.cond, self.noise, self.decode, self.batch_size = cond, noise, decode, max(1, int(batch_size))
+
+    def __call__(self, method) -> List[np.ndarray]:
+        was_training = method.training
+        method.eval()
+        images: List[np.ndarray] = []
+        try:
+            for start in range(0, self.noise.shape[0], self.batch_size):
+                end = min(start + self.batch_size, self.noise.shape[0])
+                images += self.decode(method.sample(self.noise[start:end], self.cond.select(start, end)))
+        finally:
+            if was_training:
+                method.train()
+        return images

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# FLUX-Lightning distillation with the reference run's settings (ALGORITHMS.md, "FLUX-Lightning"):
+# FLUX.1-dev teacher, LoRA rank 32, lr 5e-6, AdamW weight decay 1e-3, Huber loss, guidance 3.5, N = 100, K = 4,
+# bf16 + gradient checkpointing, batch 1 per GPU, 28,652 steps, adversarial 0.1 (heads lr 1e-5), DMD 0.01,
+# reflow 0.01.
+#
+# Variables (environment):
+#   TEACHER     FLUX folder in diffusers layout (e.g. a local copy of black-forest-labs/FLUX.1-dev)   [required]
+#   DATA_PATH   training data folder (e.g. laion-45w)                                                  [required]
+#   FILE_LIST   list of data files relative to DATA_PATH (e.g. filelist_hwge1024_pwatermarkle0.5.txt)  [optional]
+#   OUTPUT_DIR  checkpoints, logs and the final LoRA (default outputs/lora_flux_lightning)
+#   GPUS        GPU ids for multi-GPU data parallel, e.g. "0,1,2,3,4,5,6,7" (unset: one process)
+#   NPROC       processes per node without GPUs (CPU data parallel over gloo), e.g. 2
+#   PYTHON      the interpreter (default python)
+# Any argument is passed on to the training entry point after the defaults, so it overrides them.
+#
+# Single GPU:
+#   TEACHER=/models/FLUX.1-dev DATA_PATH=/data/laion-45w FILE_LIST=/data/filelist.txt \
+#     bash scripts/train_flux_lightning.sh
+# Eight GPUs (python -m paddle.distributed.launch --gpus "0,...,7" ...):
+#   GPUS=0,1,2,3,4,5,6,7 TEACHER=/models/FLUX.1-dev DATA_PATH=/data/laion-45w FILE_LIST=/data/filelist.txt \
+#     bash scripts/train_flux_lightning.sh
+# CPU data parallel (gloo), e.g. two processes:
+#   NPROC=2 TEACHER=... DATA_PATH=... bash scripts/train_flux_lightning.sh
+# Overrides, e.g. the reference's alternating discriminator/generator updates, or a trained fake score:
+#   TEACHER=... DATA_PATH=... bash scripts/train_flux_lightning.sh --adv_alternate
+#   TEACHER=... DATA_PATH=... bash scripts/train_flux_lightning.sh --dmd_fake_score adapter --dmd_fake_score_updates 5
+# DMD2 takes other flags: call examples/flux_lightning/train_flux_lightning_lora.py --method dmd2 directly.
+# No TEACHER: runs the bundled demo (python -m ppdiffusers_fast.demo) when the package has one.
+set -euo pipefail
+
+PYTHON=${PYTHON:-python}
+TEACHER=${TEACHER:-}
+DATA_PATH=${DATA_PATH:-}
+FILE_LIST=${FILE_LIST:-}
+OUTPUT_DIR=${OUTPUT_DIR:-outputs/lora_flux_lightning}
+GPUS=${GPUS:-}
+NPROC=${NPROC:-}
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TRAIN_SCRIPT="$REPO_ROOT/examples/flux_lightning/train_flux_lightning_lora.py"
+
+usage() {
+  cat >&2 <<EOF
+Set the teacher and the data to train FLUX-Lightning:
+  TEACHER=<FLUX folder, diffusers layout, e.g. FLUX.1-dev> DATA_PATH=<data folder> \\
+  [FILE_LIST=<file list>] [OUTPUT_DIR=<dir>] [GPUS=0,1,...] bash scripts/train_flux_lightning.sh [extra flags]
+The training entry point is $TRAIN_SCRIPT (see --help there).
+EOF
+}
+
+if [[ -z "$TEACHER" ]]; then
+  if "$PYTHON" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('ppdiffusers_fast.demo.__main__') else 1)" \
+      2>/dev/null; then
+    echo "TEACHER is not set: running the bundled demo (python -m ppdiffusers_fast.demo)" >&2
+    exec "$PYTHON" -m ppdiffusers_fast.demo "$@"
+  fi
+  echo "error: TEACHER is not set and this installation has no bundled demo (ppdiffusers_fast.demo)." >&2
+  usage
+  exit 2
+fi
+if [[ ! -d "$TEACHER" ]]; then
+  echo "error: TEACHER=$TEACHER is not a folder (expected a FLUX folder in diffusers layout)" >&2
+  exit 2
+fi
+if [[ -z "$DATA_PATH" ]]; then
+  echo "error: DATA_PATH is not set (the training data folder)" >&2
+  usage
+  exit 2
+fi
+if [[ ! -f "$TRAIN_SCRIPT" ]]; then
+  echo "error: the training entry point $TRAIN_SCRIPT does not exist" >&2
+  exit 2
+fi
+
+LAUNCH=("$PYTHON" -u)
+if [[ -n "$GPUS" ]]; then
+  LAUNCH=("$PYTHON" -u -m paddle.distributed.launch --gpus "$GPUS")
+elif [[ -n "$NPROC" ]]; then
+  LAUNCH=("$PYTHON" -u -m paddle.distributed.launch --nproc_per_node "$NPROC")
+fi
+
+DATA_ARGS=(--data_path "$DATA_PATH")
+if [[ -n "$FILE_LIST" ]]; then
+  DATA_ARGS+=(--file_list_path "$FILE_LIST")
+fi
+
+exec "${LAUNCH[@]}" "$TRAIN_SCRIPT" \
+  --method flux_lightning \
+  --pretrained_teacher_model "$TEACHER" "${DATA_ARGS[@]}" --output_dir "$OUTPUT_DIR" \
+  --mixed_precision bf16 --fp16_opt_level O2 --resolution 1024 --lora_rank 32 \
+  --learning_rate 5e-6 --loss_type huber --adam_weight_decay 1e-3 --max_train_steps 28652 \
+  --dataloader_num_workers 32 --guidance_scale 3.5 --validation_steps 20000 \
+  --checkpointing_steps 1000 --checkpoints_total_limit 30 --train_batch_size 1 \
+  --gradient_accumulation_steps 1 --resume_from_checkpoint latest --seed 453645634 \
+  --num_euler_timesteps 100 --multiphase 4 --gradient_checkpointing \
+  --adv_weight 0.1 --adv_lr 1e-5 --use_dmd_loss --dmd_weight 0.01 \
+  --apply_reflow_loss --reflow_loss_weight 0.01 \
+  "$@"
