@@ -31,6 +31,7 @@ __all__ = [
     "phase_sigmas",
     "phase_of_index",
     "phase_bounds",
+    "draw_grid_index",
     "add_noise",
     "renoise",
     "velocity_from_x0_eps",
@@ -241,6 +242,37 @@ def phase_bounds(index, edges):
         return paddle.gather(table, phase.flatten()).reshape(phase.shape), \
             paddle.gather(table, phase.flatten() + 1).reshape(phase.shape)
     return edges[phase], edges[phase + 1]
+
+
+def _index_per_sample(value, batch_size, name):
+    tensor = value if isinstance(value, paddle.Tensor) else paddle.full([batch_size], int(value), dtype="int64")
+    tensor = tensor.astype("int64").reshape([-1])
+    if tensor.shape[0] != batch_size:
+        raise ValueError(f"{name} has {tensor.shape[0]} entries for a batch of {batch_size}")
+    return tensor
+
+
+def draw_grid_index(low, high, batch_size):
+    """One grid index per sample, uniform over ``low..high`` inclusive: how every method draws a grid index.
+
+    PCM draws ``i`` in ``1..N``, the adversarial level in ``e_k..e_{k+1} - 1``, the reflow level in
+    ``e_k + 1..e_{k+1}``, the DMD level in ``1..N - 1``; gather the solver grid at the index for the level.
+
+    Args:
+        low, high: python ints or ``[B]`` integer tensors with ``low <= high`` element-wise.
+        batch_size: B.
+    Returns:
+        int64 tensor ``[B]``.
+    """
+    both_ints = not isinstance(low, paddle.Tensor) and not isinstance(high, paddle.Tensor)
+    if both_ints and int(high) < int(low):
+        raise ValueError("draw_grid_index needs low <= high for every sample")
+    low, high = _index_per_sample(low, batch_size, "low"), _index_per_sample(high, batch_size, "high")
+    span = high - low + 1
+    if not both_ints and paddle.min(span).item() < 1:  # tensor bounds: one read back to the host
+        raise ValueError("draw_grid_index needs low <= high for every sample")
+    offset = paddle.floor(paddle.rand([batch_size], dtype="float32") * span.astype("float32")).astype("int64")
+    return low + paddle.minimum(offset, span - 1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,13 +19,14 @@ heads are the only parameters it reaches. The real sample is encoded under ``no_
 The heads are their own parameter group ("discriminator") with their own AdamW (``--adv_lr`` 1e-5,
 betas (0, 0.999), gradient clipping 1.0), given to the trainer by ``optimizer_overrides``.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import paddle
 import paddle.nn as nn
 
 from .. import schedules
+from ..config_fields import flag
 from ..losses import hinge_d_loss, hinge_g_loss, nonsaturating_g_loss
 from ..models.discriminator import FluxDiscriminatorHeads
 from ..models.lora import freeze_base, use_adapters
@@ -35,22 +36,18 @@ __all__ = ["AdversarialConfig", "AdversarialOutput", "AdversarialLearning", "lat
 GENERATOR_LOSSES = {"hinge": hinge_g_loss, "non_saturating": nonsaturating_g_loss}
 
 
-def _f(default, help, **extra):
-    return field(default=default, metadata={"help": help, **extra})
-
-
 @dataclass
 class AdversarialConfig:
-    adv_weight: float = _f(0.1, "weight of the generator's adversarial loss (0 turns adversarial learning off)")
-    adv_lr: float = _f(1e-5, "learning rate of the discriminator heads (their own AdamW)")
-    adv_beta1: float = _f(0.0, "AdamW beta1 of the discriminator heads")
-    adv_beta2: float = _f(0.999, "AdamW beta2 of the discriminator heads")
-    adv_max_grad_norm: float = _f(1.0, "gradient clipping of the discriminator heads (0 = off)")
-    adv_loss_type: str = _f("hinge", "generator loss: hinge mean relu(1 - D(fake)) (the reference's) or "
-                            "non_saturating -mean D(fake)", choices=sorted(GENERATOR_LOSSES))
-    adv_head_channels: int = _f(256, "hidden channels of each discriminator head")
-    adv_alternate: bool = _f(False, "update the discriminator only on steps without a generator update "
-                             "(the reference's alternation); default: both every generator step")
+    adv_weight: float = flag(0.1, "weight of the generator's adversarial loss (0 turns adversarial learning off)")
+    adv_lr: float = flag(1e-5, "learning rate of the discriminator heads (their own AdamW)")
+    adv_beta1: float = flag(0.0, "AdamW beta1 of the discriminator heads")
+    adv_beta2: float = flag(0.999, "AdamW beta2 of the discriminator heads")
+    adv_max_grad_norm: float = flag(1.0, "gradient clipping of the discriminator heads (0 = off)")
+    adv_loss_type: str = flag("hinge", "generator loss: hinge mean relu(1 - D(fake)) (the reference's) or "
+                              "non_saturating -mean D(fake)", choices=sorted(GENERATOR_LOSSES))
+    adv_head_channels: int = flag(256, "hidden channels of each discriminator head")
+    adv_alternate: bool = flag(False, "update the discriminator only on steps without a generator update "
+                               "(the reference's alternation); default: both every generator step")
 
     def validate(self) -> None:
         if not self.adv_weight >= 0:

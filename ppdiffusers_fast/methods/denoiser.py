@@ -229,3 +229,16 @@ def teacher_velocity(denoiser: FluxDenoiser, x_t, sigma, cond: FluxCondition, gu
         both = unconditional.expand_to(batch).concat(cond)
         v_uncond, v_cond = paddle.split(denoiser(paddle.concat([x_t, x_t]), paddle.concat([sigma, sigma]), both), 2)
         return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
+def student_condition(cond: FluxCondition, guidance_mode: str, guidance_scale: float) -> FluxCondition:
+    """The condition a student sees: with the teacher's guidance scale as input when the base has a guidance
+    embedding (``guidance_mode="embedded"``); a CFG teacher's student sees the condition alone."""
+    return cond.with_guidance(guidance_scale) if guidance_mode == "embedded" else cond
+
+
+def check_unconditional(guidance_mode: str, guidance_scale: float, unconditional: Optional[FluxCondition]) -> None:
+    """A CFG teacher guided with ``guidance_scale != 1`` needs the empty prompt's condition: refuse it missing."""
+    if guidance_mode == "cfg" and guidance_scale != 1.0 and unconditional is None:
+        raise ValueError("a CFG teacher (no guidance embedding) needs the unconditional embedding of the "
+                         "empty prompt")

@@ -16,16 +16,16 @@ Two fake scores (``--dmd_fake_score``):
   own parameter group ("fake_score"), with its own optimizer and ``--dmd_fake_score_updates`` updates per
   generator update (the two time-scale update rule of DMD2, Yin et al. 2024, section 4.1).
 """
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import List, Optional
 
 import paddle
 
 from .. import schedules
+from ..config_fields import flag
 from ..losses import dmd_loss, flow_matching_loss
-from ..models.lora import LoraConfig, adapter_parameters, inject_lora, use_adapters
+from ..models.lora import LoraConfig, adapter_parameters, inject_trainable_lora, use_adapters
 from .denoiser import teacher_velocity
-from .reflow import draw_grid_index
 
 __all__ = ["DistributionMatchingConfig", "DMDOutput", "DistributionMatching", "FAKE_SCORE_ADAPTER", "FAKE_SCORES"]
 
@@ -33,20 +33,16 @@ FAKE_SCORE_ADAPTER = "fake_score"
 FAKE_SCORES = ("auto", "student", "adapter")
 
 
-def _f(default, help, **extra):
-    return field(default=default, metadata={"help": help, **extra})
-
-
 @dataclass
 class DistributionMatchingConfig:
-    use_dmd_loss: bool = _f(True, "add the distribution matching loss to the generator (flux_lightning)")
-    dmd_weight: float = _f(0.01, "weight of the distribution matching loss in the generator loss (flux_lightning)")
-    dmd_fake_score: str = _f("auto", "fake score: the student adapter itself (FLUX-Lightning) or a second LoRA "
-                             "adapter trained with the flow-matching loss (DMD2); auto: the method's own "
-                             "(student for flux_lightning, adapter for dmd2)", choices=list(FAKE_SCORES))
-    dmd_fake_score_updates: int = _f(5, "fake-score updates per generator update (with --dmd_fake_score adapter)")
-    dmd_fake_score_lr: Optional[float] = _f(None, "learning rate of the fake-score adapter (None: --learning_rate)")
-    dmd_guidance_scale: Optional[float] = _f(None, "teacher guidance of the real score (None: --guidance_scale)")
+    use_dmd_loss: bool = flag(True, "add the distribution matching loss to the generator (flux_lightning)")
+    dmd_weight: float = flag(0.01, "weight of the distribution matching loss in the generator loss (flux_lightning)")
+    dmd_fake_score: str = flag("auto", "fake score: the student adapter itself (FLUX-Lightning) or a second LoRA "
+                               "adapter trained with the flow-matching loss (DMD2); auto: the method's own "
+                               "(student for flux_lightning, adapter for dmd2)", choices=list(FAKE_SCORES))
+    dmd_fake_score_updates: int = flag(5, "fake-score updates per generator update (with --dmd_fake_score adapter)")
+    dmd_fake_score_lr: Optional[float] = flag(None, "learning rate of the fake-score adapter (None: --learning_rate)")
+    dmd_guidance_scale: Optional[float] = flag(None, "teacher guidance of the real score (None: --guidance_scale)")
 
     def validate(self) -> None:
         if self.dmd_fake_score not in FAKE_SCORES:
@@ -112,9 +108,7 @@ class DistributionMatching:
         if config.trains_fake_score:
             if lora_config is None:
                 raise ValueError("--dmd_fake_score adapter needs a LoraConfig for the fake-score adapter")
-            inject_lora(denoiser.transformer, lora_config, FAKE_SCORE_ADAPTER)
-            for param in adapter_parameters(denoiser.transformer, FAKE_SCORE_ADAPTER):
-                param.stop_gradient = False
+            inject_trainable_lora(denoiser.transformer, lora_config, FAKE_SCORE_ADAPTER)
 
     @property
     def fake_score_adapter(self) -> str:
@@ -132,10 +126,11 @@ class DistributionMatching:
 
     @staticmethod
     def draw_levels(grid: paddle.Tensor, batch_size: int) -> paddle.Tensor:
-        """``[B]`` levels ``sigma_j``, ``j ~ U{1..N-1}`` (both scores are degenerate at 0 and 1; all of [0, 1] if N = 1)."""
+        """``[B]`` levels ``sigma_j``, ``j ~ U{1..N-1}`` (both scores are degenerate at 0 and 1; all of [0, 1]
+        if N = 1)."""
         n = grid.shape[0] - 1
         low, high = (1, n - 1) if n > 1 else (0, n)
-        return paddle.gather(grid, draw_grid_index(low, high, batch_size))
+        return paddle.gather(grid, schedules.draw_grid_index(low, high, batch_size))
 
     def generator_loss(self, x0_hat, cond, fake_cond, s, noise: Optional[paddle.Tensor] = None) -> DMDOutput:
         """``L_dmd`` on the generator's clean samples.

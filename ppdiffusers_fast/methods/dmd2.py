@@ -17,36 +17,31 @@ Euler jumps ``x_{t_{k+1}} = x_{t_k} + (t_{k+1} - t_k) v``. One step:
 Two time-scale rule: the fake score and the heads update every step, the generator every
 ``--dmd_fake_score_updates`` steps (5 in DMD2), starting at step 0.
 """
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import paddle
 
 from .. import schedules
-from ..models.lora import LoraConfig, adapter_parameters, inject_lora, use_adapters
+from ..config_fields import flag
+from ..models.lora import LoraConfig, adapter_parameters, inject_trainable_lora, use_adapters
 from ..schedulers.samplers import sample_euler
 from .adversarial import AdversarialConfig, AdversarialLearning, latent_grid_hw
 from .base import DistillationMethod, StepResult
-from .denoiser import FluxCondition, FluxDenoiser, resolve_guidance_mode
+from .denoiser import FluxCondition, FluxDenoiser, check_unconditional, resolve_guidance_mode, student_condition
 from .distribution_matching import DistributionMatching, DistributionMatchingConfig
-from .pcm import STUDENT, LatentBatch, PCMConfig
-from .reflow import draw_grid_index
+from .pcm import STUDENT, LatentBatch, PCMConfig, export_student
 
 __all__ = ["DMD2Config", "DMD2"]
 
 LORA_FILE = "dmd2_lora.safetensors"
 
 
-def _f(default, help, **extra):
-    return field(default=default, metadata={"help": help, **extra})
-
-
 @dataclass
 class DMD2Config:
-    dmd2_gan_weight: float = _f(5e-3, "weight of the GAN generator loss next to the DMD loss (dmd2; 0 = no GAN)")
-    dmd2_backward_simulation: bool = _f(True, "build the generator's input at step k by running its own first k "
-                                        "steps from noise (DMD2); off: noise the training latents")
+    dmd2_gan_weight: float = flag(5e-3, "weight of the GAN generator loss next to the DMD loss (dmd2; 0 = no GAN)")
+    dmd2_backward_simulation: bool = flag(True, "build the generator's input at step k by running its own first k "
+                                          "steps from noise (DMD2); off: noise the training latents")
 
     def validate(self) -> None:
         if not self.dmd2_gan_weight >= 0:
@@ -96,13 +91,9 @@ class DMD2(DistillationMethod):
         self.schedule = schedule
         self.config = config
         self.guidance_mode = resolve_guidance_mode(denoiser, teacher_guidance)
-        if self.guidance_mode == "cfg" and schedule.guidance_scale != 1.0 and unconditional is None:
-            raise ValueError("a CFG teacher (no guidance embedding) needs the unconditional embedding of the "
-                             "empty prompt")
+        check_unconditional(self.guidance_mode, schedule.guidance_scale, unconditional)
         self.unconditional = unconditional
-        inject_lora(denoiser.transformer, lora_config, STUDENT)
-        for param in adapter_parameters(denoiser.transformer, STUDENT):
-            param.stop_gradient = False
+        inject_trainable_lora(denoiser.transformer, lora_config, STUDENT)
         self.dmd_config = dmd
         self.dmd = DistributionMatching(denoiser, dmd, STUDENT, schedule.guidance_scale, self.guidance_mode,
                                         unconditional, lora_config)
@@ -137,12 +128,11 @@ class DMD2(DistillationMethod):
     # ------------------------------------------------------------------ the generator
     def student_condition(self, cond: FluxCondition) -> FluxCondition:
         """The student sees the teacher's guidance scale when the base has a guidance embedding."""
-        return cond.with_guidance(self.schedule.guidance_scale) if self.guidance_mode == "embedded" else cond
+        return student_condition(cond, self.guidance_mode, self.schedule.guidance_scale)
 
     def generator_levels(self, num_image_tokens: int) -> paddle.Tensor:
         """``[K + 1]`` levels ``1 -> 0`` of the K-step generator at the shift of ``num_image_tokens``."""
-        mu = schedules.resolution_mu(num_image_tokens)
-        return schedules.phase_sigmas(self.schedule.multiphase, self.schedule.num_euler_timesteps, mu)
+        return self.schedule.sampling_sigmas(num_image_tokens)
 
     def _student_velocity(self, x, sigma, cond: FluxCondition):
         """``(v [B, L, C] float32, sigma [B])`` of the student at level ``sigma`` (float or ``[B]``)."""
@@ -174,7 +164,7 @@ class DMD2(DistillationMethod):
         with paddle.set_grad_enabled(generator):
             velocity, level = self._student_velocity(x_k, levels[k], student_cond)
             x0_hat = schedules.x0_from_velocity(x_k, level, velocity)
-        grid = schedules.solver_grid(self.schedule.num_euler_timesteps, schedules.resolution_mu(num_tokens))
+        grid = self.schedule.solver_grid(num_tokens)
 
         results: List[StepResult] = []
         losses: Dict[str, paddle.Tensor] = {}
@@ -185,7 +175,7 @@ class DMD2(DistillationMethod):
         fake_loss = self.dmd.fake_score_loss(x0_hat, student_cond, self.dmd.draw_levels(grid, bsz))
         results.append(StepResult({"fake_score": fake_loss}, "fake_score"))
         if self.adversarial is not None:
-            r = paddle.gather(grid, draw_grid_index(0, self.schedule.num_euler_timesteps - 1, bsz))
+            r = paddle.gather(grid, schedules.draw_grid_index(0, self.schedule.num_euler_timesteps - 1, bsz))
             adv = self.adversarial.losses(x0, x0_hat, 0.0, r, student_cond, latent_grid_hw(batch),
                                           generator=generator, discriminator=True)
             metrics.update(adv.metrics())
@@ -209,14 +199,8 @@ class DMD2(DistillationMethod):
 
     def sampling_metadata(self) -> dict:
         """Settings the inference entry point needs (K Euler jumps between the phase edges)."""
-        k = self.schedule.multiphase
-        return {"num_inference_steps": k, "multiphase": k, "num_euler_timesteps": self.schedule.num_euler_timesteps,
-                "guidance_scale": self.schedule.guidance_scale, "lora_scale": 1.0}
+        return self.schedule.sampling_metadata()
 
     def export(self, output_dir: str) -> Optional[str]:
         """Write the student LoRA with its sampling metadata to ``output_dir/dmd2_lora.safetensors``."""
-        from ..models.lora_io import save_lora
-
-        path = os.path.join(output_dir, LORA_FILE)
-        save_lora(self.denoiser.transformer, STUDENT, path, sampling=self.sampling_metadata())
-        return path
+        return export_student(self.denoiser.transformer, output_dir, LORA_FILE, self.sampling_metadata())

@@ -1,14 +1,15 @@
 """FLUX-Lightning (seed 000; ALGORITHMS.md, "FLUX-Lightning"): PCM + adversarial + DMD + reflow, composed.
 
 One generator step on clean latents ``x0`` ([B, L, C]) with grid index ``i`` in phase ``k`` (edges
-``e_k < i <= e_{k+1}``), all parts reading the same PCM pair:
+``e_k < i <= e_{k+1}``), all parts reading the same PCM pair (``pcm.ConsistencyPair``):
 
     x_e, target = PCM.consistency_pair(x0, eps, i)             student's phase-end prediction, its target
     L_pcm    = consistency_loss(x_e, target)
     L_G      = adversarial generator loss: real = target, fake = x_e, both re-noised from sigma_{e_k}
                to r = sigma_j, j ~ U{e_k .. e_{k+1} - 1} (exact kernel, independent noise)
     L_dmd    = DMD on the student's clean sample x0_hat = x_i - sigma_i v_theta(x_i, sigma_i) (the same
-               forward pass; for phase 0 it is x_e itself), fake score = the student or an adapter
+               forward pass, ``ConsistencyPair.student_x0``; for phase 0 it is x_e itself), fake score = the
+               student or an adapter
     L_reflow = reflow of stopgrad(x_e) from r' in (sigma_{e_k}, sigma_{e_{k+1}}] back to sigma_{e_k}
 
     generator loss = L_pcm + adv_weight L_G + dmd_weight L_dmd + reflow_loss_weight L_reflow
@@ -21,34 +22,21 @@ off this is PCM. Defaults are the reference run's weights (0.1, 0.01, 0.01). The
 ``--adv_alternate`` gives the reference's alternation; a trained fake score updates every step and the generator
 every ``--dmd_fake_score_updates`` steps.
 """
-import os
 from typing import Dict, List, Optional
 
 import paddle
 
 from .. import schedules
-from ..losses import consistency_loss
 from ..models.lora import adapter_parameters
 from .adversarial import AdversarialConfig, AdversarialLearning, latent_grid_hw
 from .base import DistillationMethod, StepResult
 from .distribution_matching import DistributionMatching, DistributionMatchingConfig
-from .pcm import PCM, STUDENT, LatentBatch
-from .reflow import Reflow, ReflowConfig, draw_grid_index
+from .pcm import PCM, STUDENT, LatentBatch, export_student
+from .reflow import Reflow, ReflowConfig
 
-__all__ = ["FluxLightning", "student_x0_from_jump"]
+__all__ = ["FluxLightning"]
 
 LORA_FILE = "flux_lightning_lora.safetensors"
-
-
-def student_x0_from_jump(x_t, sigma, sigma_edge, prediction):
-    """The student's clean sample ``x_t - sigma v`` from its phase-end jump ``x_e = x_t + (sigma_e - sigma) v``.
-
-    ``v = (x_e - x_t) / (sigma_e - sigma)`` (``sigma > sigma_e`` always: a grid index lies above its phase's
-    lower edge). Shapes: ``x_t, prediction [B, L, C]``, ``sigma, sigma_edge [B]``; keeps the graph of ``prediction``.
-    """
-    step = (sigma_edge - sigma).reshape([-1, 1, 1])
-    velocity = (prediction - x_t) / step
-    return schedules.x0_from_velocity(x_t, sigma, velocity)
 
 
 class FluxLightning(DistillationMethod):
@@ -126,28 +114,23 @@ class FluxLightning(DistillationMethod):
         groups = self.update_schedule(step)
         generator = "generator" in groups
         discriminator = "discriminator" in groups
-        x0 = batch.latents.astype("float32")
-        bsz, num_tokens = x0.shape[0], x0.shape[1]
+        bsz = batch.latents.shape[0]
         pcm = self.pcm
-        index = paddle.randint(1, pcm.config.num_euler_timesteps + 1, [bsz], dtype="int64")
-        noise = paddle.randn(x0.shape, dtype="float32")
         with paddle.set_grad_enabled(generator):
-            prediction, target, at_boundary = pcm.consistency_pair(x0, noise, index, batch.cond)
-        grid = pcm.grid(num_tokens)
-        lower, upper = schedules.phase_bounds(index, pcm.edges)
-        sigma_edge = paddle.gather(grid, lower)
+            pair = pcm.draw_consistency_pair(batch)
+        grid, sigma_edge = pair.grid, pair.sigma_edge
         student_cond = pcm.student_condition(batch.cond)
 
         results: List[StepResult] = []
         losses: Dict[str, paddle.Tensor] = {}
-        metrics = {"boundary_fraction": at_boundary.astype("float32").mean().item()}
+        metrics = {"boundary_fraction": pair.boundary_fraction()}
         if generator:
-            losses["pcm"] = consistency_loss(prediction, target, pcm.config.loss_type, pcm.config.huber_c)
+            losses["pcm"] = pcm.pair_loss(pair)
 
         if self.adversarial is not None:  # every step of its schedule updates the generator or the heads
-            r = paddle.gather(grid, draw_grid_index(lower, upper - 1, bsz))
-            adv = self.adversarial.losses(target, prediction, sigma_edge, r, student_cond, latent_grid_hw(batch),
-                                          generator=generator, discriminator=discriminator)
+            r = paddle.gather(grid, schedules.draw_grid_index(pair.lower, pair.upper - 1, bsz))
+            adv = self.adversarial.losses(pair.target, pair.prediction, sigma_edge, r, student_cond,
+                                          latent_grid_hw(batch), generator=generator, discriminator=discriminator)
             metrics.update(adv.metrics())
             if generator:
                 losses["adv_g"] = self.adv_config.adv_weight * adv.generator
@@ -156,9 +139,7 @@ class FluxLightning(DistillationMethod):
                 results.append(StepResult({"adv_d": adv.discriminator}, "discriminator"))
 
         if self.dmd is not None and (generator or self.trains_fake_score):
-            sigma = paddle.gather(grid, index)
-            x_t = schedules.add_noise(x0, noise, sigma)
-            x0_hat = student_x0_from_jump(x_t, sigma, sigma_edge, prediction)
+            x0_hat = pair.student_x0
             if generator:
                 out = self.dmd.generator_loss(x0_hat, batch.cond, student_cond, self.dmd.draw_levels(grid, bsz))
                 losses["dmd"] = self.dmd_config.dmd_weight * out.loss
@@ -168,7 +149,7 @@ class FluxLightning(DistillationMethod):
                 results.append(StepResult({"fake_score": fake_loss}, "fake_score"))
 
         if self.reflow is not None and generator:
-            out = self.reflow.loss(prediction, sigma_edge, grid, lower, upper, student_cond)
+            out = self.reflow.loss(pair.prediction, sigma_edge, grid, pair.lower, pair.upper, student_cond)
             losses["reflow"] = self.reflow_config.reflow_loss_weight * out.loss
             metrics["reflow_unweighted"] = out.loss.item()
 
@@ -188,8 +169,4 @@ class FluxLightning(DistillationMethod):
 
     def export(self, output_dir: str) -> Optional[str]:
         """Write the student LoRA with its sampling metadata to ``output_dir/flux_lightning_lora.safetensors``."""
-        from ..models.lora_io import save_lora
-
-        path = os.path.join(output_dir, LORA_FILE)
-        save_lora(self.pcm.denoiser.transformer, STUDENT, path, sampling=self.sampling_metadata())
-        return path
+        return export_student(self.pcm.denoiser.transformer, output_dir, LORA_FILE, self.sampling_metadata())

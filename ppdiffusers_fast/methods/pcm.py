@@ -3,7 +3,8 @@
 ALGORITHMS.md, "Solver grid and phases". With the solver grid ``sigma_i = shift(i / N; mu)`` and phase
 edges ``e_0 = 0 < e_1 < ... < e_K = N``, one step on clean latents ``x0`` ([B, L, C] packed tokens):
 
-1. draw a grid index ``i`` uniformly in 1..N per sample; its phase ``k`` has ``e_k < i <= e_{k+1}``;
+1. draw a grid index ``i`` uniformly in 1..N per sample (``schedules.draw_grid_index``); its phase ``k`` has
+   ``e_k < i <= e_{k+1}``;
 2. ``x_i = (1 - sigma_i) x0 + sigma_i eps``;
 3. student (adapter "student" live): ``f_theta(x_i, sigma_i) = x_i + (sigma_{e_k} - sigma_i) v_theta(x_i, sigma_i)``
    (the Euler consistency function that jumps to the phase's lower edge);
@@ -16,39 +17,42 @@ edges ``e_0 = 0 < e_1 < ... < e_K = N``, one step on clean latents ``x0`` ([B, L
 Sampling with K steps: Euler jumps between consecutive phase edges, ``1 -> ... -> 0``, at the shift
 of the sampled resolution (``schedules.phase_sigmas``). ``mu`` is derived from each batch's number of
 image tokens, so training and sampling use the same shift policy at every resolution.
+
+:meth:`PCM.consistency_pair` returns a :class:`ConsistencyPair`: besides the prediction and its target, what
+they were built from (``x_i``, ``sigma_i``, the phase edges, the student velocity), so that composed methods
+(FLUX-Lightning) read the student's clean sample ``x_i - sigma_i v_theta`` from the same forward pass.
 """
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import paddle
 
 from .. import schedules
+from ..config_fields import flag
 from ..losses import consistency_loss
-from ..models.lora import LoraConfig, adapter_parameters, inject_lora, use_adapters
+from ..models.lora import LoraConfig, adapter_parameters, inject_lora, inject_trainable_lora, use_adapters
 from ..models.lora_io import save_lora
 from ..schedulers.samplers import sample_euler
 from .base import DistillationMethod, StepResult
-from .denoiser import FluxCondition, FluxDenoiser, resolve_guidance_mode, teacher_velocity
+from .denoiser import (FluxCondition, FluxDenoiser, check_unconditional, resolve_guidance_mode, student_condition,
+                       teacher_velocity)
 
 STUDENT = "student"
 EMA_TARGET = "student_ema"
-
-
-def _f(default, help, **extra):
-    return field(default=default, metadata={"help": help, **extra})
+LORA_FILE = "pcm_lora.safetensors"
 
 
 @dataclass
 class PCMConfig:
-    loss_type: str = _f("huber", "consistency loss: huber (pseudo-Huber) or l2", choices=["huber", "l2"])
-    huber_c: float = _f(0.001, "pseudo-Huber constant c")
-    num_euler_timesteps: int = _f(100, "N, solver grid steps")
-    multiphase: int = _f(4, "K, number of phases (= sampling steps); 1 is LCM")
-    guidance_scale: float = _f(3.5, "teacher guidance (embedded scale for FLUX.1-dev, CFG weight otherwise)")
-    num_teacher_steps: int = _f(1, "teacher Euler sub-steps per grid step sigma_i -> sigma_{i-1}")
-    ema_decay: Optional[float] = _f(None, "EMA decay of the target adapter; None = stop-gradient student")
-    apply_cfg_solver: bool = _f(True, "CFG teachers: guide the teacher's solver step (False: conditional only)")
+    loss_type: str = flag("huber", "consistency loss: huber (pseudo-Huber) or l2", choices=["huber", "l2"])
+    huber_c: float = flag(0.001, "pseudo-Huber constant c")
+    num_euler_timesteps: int = flag(100, "N, solver grid steps")
+    multiphase: int = flag(4, "K, number of phases (= sampling steps); 1 is LCM")
+    guidance_scale: float = flag(3.5, "teacher guidance (embedded scale for FLUX.1-dev, CFG weight otherwise)")
+    num_teacher_steps: int = flag(1, "teacher Euler sub-steps per grid step sigma_i -> sigma_{i-1}")
+    ema_decay: Optional[float] = flag(None, "EMA decay of the target adapter; None = stop-gradient student")
+    apply_cfg_solver: bool = flag(True, "CFG teachers: guide the teacher's solver step (False: conditional only)")
 
     def validate(self) -> None:
         if self.loss_type not in ("huber", "l2"):
@@ -62,6 +66,22 @@ class PCMConfig:
             raise ValueError(f"--num_teacher_steps must be >= 1, got {self.num_teacher_steps}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"--ema_decay must lie in (0, 1), got {self.ema_decay}")
+
+    # the few-step schedule these settings define (PCM and DMD2 share it)
+    def solver_grid(self, num_image_tokens: int) -> paddle.Tensor:
+        """Solver grid ``[N + 1]`` (ascending) at the shift of ``num_image_tokens``."""
+        return schedules.solver_grid(self.num_euler_timesteps, schedules.resolution_mu(num_image_tokens))
+
+    def sampling_sigmas(self, num_image_tokens: int) -> paddle.Tensor:
+        """The K-step sampler's sigmas ``[K + 1]`` (1 -> 0, the phase edges) at the shift of ``num_image_tokens``."""
+        mu = schedules.resolution_mu(num_image_tokens)
+        return schedules.phase_sigmas(self.multiphase, self.num_euler_timesteps, mu)
+
+    def sampling_metadata(self) -> dict:
+        """Settings the inference entry point needs to sample the student (K Euler jumps between phase edges)."""
+        return {"num_inference_steps": self.multiphase, "multiphase": self.multiphase,
+                "num_euler_timesteps": self.num_euler_timesteps, "guidance_scale": self.guidance_scale,
+                "lora_scale": 1.0}
 
 
 @dataclass
@@ -79,6 +99,51 @@ class LatentBatch:
     latent_size: tuple = (0, 0)
 
 
+@dataclass
+class ConsistencyPair:
+    """One PCM evaluation at grid indices ``i``: the student's phase-end prediction, its target, and their inputs.
+
+    Attributes:
+        prediction: ``[B, L, C]`` ``f_theta(x_i, sigma_i) = x_i + (sigma_{e_k} - sigma_i) v_theta`` (with graph).
+        target: ``[B, L, C]`` the stop-gradient target (detached).
+        at_boundary: ``[B]`` bool, ``i - 1 = e_k`` (the target is the teacher's step itself).
+        index, lower, upper: ``[B]`` int64 grid index ``i`` and its phase edges ``e_k``, ``e_{k+1}``.
+        grid: ``[N + 1]`` ascending solver grid of the batch's resolution.
+        sigma, sigma_edge: ``[B]`` levels ``sigma_i`` and ``sigma_{e_k}``.
+        x_t: ``[B, L, C]`` float32 noised input ``x_i``.
+        student_velocity: ``[B, L, C]`` float32 ``v_theta(x_i, sigma_i)`` (with graph).
+    """
+
+    prediction: paddle.Tensor
+    target: paddle.Tensor
+    at_boundary: paddle.Tensor
+    index: paddle.Tensor
+    lower: paddle.Tensor
+    upper: paddle.Tensor
+    grid: paddle.Tensor
+    sigma: paddle.Tensor
+    sigma_edge: paddle.Tensor
+    x_t: paddle.Tensor
+    student_velocity: paddle.Tensor
+
+    @property
+    def student_x0(self) -> paddle.Tensor:
+        """``[B, L, C]`` the student's clean sample ``x_i - sigma_i v_theta`` (same forward pass, with graph);
+        in phase 0 (``sigma_{e_0} = 0``) it equals ``prediction``."""
+        return schedules.x0_from_velocity(self.x_t, self.sigma, self.student_velocity)
+
+    def boundary_fraction(self) -> float:
+        """Fraction of the batch whose target is the teacher's step itself (one host read)."""
+        return self.at_boundary.astype("float32").mean().item()
+
+
+def export_student(transformer, output_dir: str, file_name: str, sampling: dict) -> str:
+    """Save the ``STUDENT`` adapter of ``transformer`` with its ``sampling`` metadata to ``output_dir/file_name``."""
+    path = os.path.join(output_dir, file_name)
+    save_lora(transformer, STUDENT, path, sampling=sampling)
+    return path
+
+
 class PCM(DistillationMethod):
     """PCM / LCM distillation of a FLUX teacher into a LoRA student on the same frozen base."""
 
@@ -89,19 +154,15 @@ class PCM(DistillationMethod):
         self.denoiser = denoiser
         self.config = config
         self.guidance_mode = resolve_guidance_mode(denoiser, teacher_guidance)
-        if (self.guidance_mode == "cfg" and config.apply_cfg_solver and config.guidance_scale != 1.0
-                and unconditional is None):
-            raise ValueError("a CFG teacher (no guidance embedding) needs the unconditional embedding "
-                             "of the empty prompt")
+        if config.apply_cfg_solver:
+            check_unconditional(self.guidance_mode, config.guidance_scale, unconditional)
         if self.guidance_mode == "embedded" and not config.apply_cfg_solver:
             raise ValueError("--not_apply_cfg_solver applies to CFG teachers only; an embedded-guidance "
                              "teacher always takes --guidance_scale as input")
         self.unconditional = unconditional
         self.edges = schedules.phase_edge_indices(config.num_euler_timesteps, config.multiphase)
         transformer = denoiser.transformer
-        inject_lora(transformer, lora_config, STUDENT)
-        for param in adapter_parameters(transformer, STUDENT):
-            param.stop_gradient = False
+        inject_trainable_lora(transformer, lora_config, STUDENT)
         if config.ema_decay is not None:
             inject_lora(transformer, lora_config, EMA_TARGET)
             with paddle.no_grad():
@@ -136,11 +197,11 @@ class PCM(DistillationMethod):
     # ------------------------------------------------------------------ the PCM step
     def student_condition(self, cond: FluxCondition) -> FluxCondition:
         """The student sees the teacher's guidance scale when the base has a guidance embedding."""
-        return cond.with_guidance(self.config.guidance_scale) if self.guidance_mode == "embedded" else cond
+        return student_condition(cond, self.guidance_mode, self.config.guidance_scale)
 
     def grid(self, num_image_tokens: int) -> paddle.Tensor:
         """Solver grid ``[N + 1]`` (ascending) at the shift of ``num_image_tokens``."""
-        return schedules.solver_grid(self.config.num_euler_timesteps, schedules.resolution_mu(num_image_tokens))
+        return self.config.solver_grid(num_image_tokens)
 
     @paddle.no_grad()
     def teacher_solve(self, x, sigma_from, sigma_to, cond: FluxCondition):
@@ -156,17 +217,17 @@ class PCM(DistillationMethod):
             x = schedules.euler_step(x, s, s_next, v.astype(x.dtype))
         return x
 
-    def consistency_pair(self, x0, noise, index, cond: FluxCondition):
+    def consistency_pair(self, x0, noise, index, cond: FluxCondition) -> ConsistencyPair:
         """Student prediction and stop-gradient target for given grid indices and noise.
 
         Args:
             x0: ``[B, L, C]`` clean latents; noise: ``[B, L, C]``; index: ``[B]`` int64 grid indices in 1..N.
         Returns:
-            ``(prediction [B, L, C] with graph, target [B, L, C] detached, at_boundary [B] bool)``.
+            :class:`ConsistencyPair` (prediction with graph, target detached, and what they were built from).
         """
         x0 = x0.astype("float32")
         grid = self.grid(x0.shape[1])
-        lower, _ = schedules.phase_bounds(index, self.edges)
+        lower, upper = schedules.phase_bounds(index, self.edges)
         sigma = paddle.gather(grid, index)
         sigma_prev = paddle.gather(grid, index - 1)
         sigma_edge = paddle.gather(grid, lower)
@@ -174,8 +235,8 @@ class PCM(DistillationMethod):
         student_cond = self.student_condition(cond)
 
         with use_adapters(self.denoiser.transformer, STUDENT):
-            v_student = self.denoiser(x_t, sigma, student_cond)
-        prediction = schedules.euler_step(x_t, sigma, sigma_edge, v_student.astype("float32"))
+            v_student = self.denoiser(x_t, sigma, student_cond).astype("float32")
+        prediction = schedules.euler_step(x_t, sigma, sigma_edge, v_student)
 
         with paddle.no_grad():
             x_prev = self.teacher_solve(x_t, sigma, sigma_prev, cond)
@@ -185,23 +246,29 @@ class PCM(DistillationMethod):
             target = schedules.euler_step(x_prev, sigma_prev, sigma_edge, v_target.astype("float32"))
             at_boundary = index - 1 == lower
             target = paddle.where(at_boundary.reshape([-1, 1, 1]), x_prev, target)
-        return prediction, target.detach(), at_boundary
+        return ConsistencyPair(prediction, target.detach(), at_boundary, index, lower, upper, grid, sigma, sigma_edge,
+                               x_t, v_student)
+
+    def draw_consistency_pair(self, batch: LatentBatch) -> ConsistencyPair:
+        """:meth:`consistency_pair` at grid indices drawn uniformly in 1..N and fresh noise."""
+        index = schedules.draw_grid_index(1, self.config.num_euler_timesteps, batch.latents.shape[0])
+        noise = paddle.randn(batch.latents.shape, dtype="float32")
+        return self.consistency_pair(batch.latents, noise, index, batch.cond)
+
+    def pair_loss(self, pair: ConsistencyPair) -> paddle.Tensor:
+        """0-d ``consistency_loss(prediction, target)`` with the configured loss (pseudo-Huber or L2)."""
+        return consistency_loss(pair.prediction, pair.target, self.config.loss_type, self.config.huber_c)
 
     def train_step(self, batch: LatentBatch, step: int) -> StepResult:
         """Draw grid indices (uniform in 1..N) and noise, return the consistency loss of the batch."""
-        bsz = batch.latents.shape[0]
-        index = paddle.randint(1, self.config.num_euler_timesteps + 1, [bsz], dtype="int64")
-        noise = paddle.randn(batch.latents.shape, dtype="float32")
-        prediction, target, at_boundary = self.consistency_pair(batch.latents, noise, index, batch.cond)
-        loss = consistency_loss(prediction, target, self.config.loss_type, self.config.huber_c)
-        return StepResult(losses={"pcm": loss}, group="generator",
-                          metrics={"boundary_fraction": at_boundary.astype("float32").mean().item()})
+        pair = self.draw_consistency_pair(batch)
+        return StepResult(losses={"pcm": self.pair_loss(pair)}, group="generator",
+                          metrics={"boundary_fraction": pair.boundary_fraction()})
 
     # ------------------------------------------------------------------ sampling and export
     def sampling_sigmas(self, num_image_tokens: int) -> paddle.Tensor:
         """The K-step sampler's sigmas ``[K + 1]`` (1 -> 0) at the shift of ``num_image_tokens``."""
-        mu = schedules.resolution_mu(num_image_tokens)
-        return schedules.phase_sigmas(self.config.multiphase, self.config.num_euler_timesteps, mu)
+        return self.config.sampling_sigmas(num_image_tokens)
 
     @paddle.no_grad()
     def sample(self, noise, cond: FluxCondition, adapter: Optional[str] = STUDENT, sigmas=None):
@@ -224,12 +291,8 @@ class PCM(DistillationMethod):
 
     def sampling_metadata(self) -> dict:
         """Settings the inference entry point needs to sample with the student."""
-        return {"num_inference_steps": self.config.multiphase, "multiphase": self.config.multiphase,
-                "num_euler_timesteps": self.config.num_euler_timesteps,
-                "guidance_scale": self.config.guidance_scale, "lora_scale": 1.0}
+        return self.config.sampling_metadata()
 
     def export(self, output_dir: str) -> Optional[str]:
         """Write the student LoRA with its sampling metadata to ``output_dir/pcm_lora.safetensors``."""
-        path = os.path.join(output_dir, "pcm_lora.safetensors")
-        save_lora(self.denoiser.transformer, STUDENT, path, sampling=self.sampling_metadata())
-        return path
+        return export_student(self.denoiser.transformer, output_dir, LORA_FILE, self.sampling_metadata())

@@ -15,54 +15,27 @@ drawn, so the top phase also learns the jump from pure noise (``r = 1``), the fi
 The losses are the pure functions of ``losses.reflow``; this module only chooses the level, runs the student
 and reports what it used, so a test can rebuild the value by hand.
 """
-from dataclasses import dataclass, field
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Optional
 
 import paddle
 
+from .. import schedules
+from ..config_fields import flag
 from ..losses import reflow_jump, reflow_loss, reflow_start
 from ..models.lora import use_adapters
 
-__all__ = ["ReflowConfig", "ReflowOutput", "Reflow", "draw_grid_index"]
-
-
-def _f(default, help, **extra):
-    return field(default=default, metadata={"help": help, **extra})
+__all__ = ["ReflowConfig", "ReflowOutput", "Reflow"]
 
 
 @dataclass
 class ReflowConfig:
-    apply_reflow_loss: bool = _f(True, "add the reflow (self-consistency) loss to the generator (flux_lightning)")
-    reflow_loss_weight: float = _f(0.01, "weight of the reflow loss in the generator loss")
+    apply_reflow_loss: bool = flag(True, "add the reflow (self-consistency) loss to the generator (flux_lightning)")
+    reflow_loss_weight: float = flag(0.01, "weight of the reflow loss in the generator loss")
 
     def validate(self) -> None:
         if not self.reflow_loss_weight >= 0:
             raise ValueError(f"--reflow_loss_weight must be >= 0, got {self.reflow_loss_weight}")
-
-
-IndexLike = Union[int, paddle.Tensor]
-
-
-def draw_grid_index(low: IndexLike, high: IndexLike, batch_size: int) -> paddle.Tensor:
-    """One grid index per sample, uniform over ``low..high`` inclusive (``[B]`` int64).
-
-    Args:
-        low, high: python ints or ``[B]`` integer tensors with ``low <= high`` element-wise.
-        batch_size: B.
-    """
-    def as_index(value, name):
-        tensor = value if isinstance(value, paddle.Tensor) else paddle.full([batch_size], int(value), dtype="int64")
-        tensor = tensor.astype("int64").reshape([-1])
-        if tensor.shape[0] != batch_size:
-            raise ValueError(f"{name} has {tensor.shape[0]} entries for a batch of {batch_size}")
-        return tensor
-
-    low, high = as_index(low, "low"), as_index(high, "high")
-    span = high - low + 1
-    if paddle.min(span).item() < 1:
-        raise ValueError("draw_grid_index needs low <= high for every sample")
-    offset = paddle.floor(paddle.rand([batch_size], dtype="float32") * span.astype("float32")).astype("int64")
-    return low + paddle.minimum(offset, span - 1)
 
 
 @dataclass
@@ -112,7 +85,7 @@ class Reflow:
         """
         batch = x_end.shape[0]
         if index is None:
-            index = draw_grid_index(lower + 1, upper, batch)
+            index = schedules.draw_grid_index(lower + 1, upper, batch)
         r = paddle.gather(grid, index)
         if noise is None:
             noise = paddle.randn(x_end.shape, dtype="float32")

@@ -5,8 +5,9 @@
 
 ``config`` is any object with the sections the method reads as attributes: ``pcm`` (``PCMConfig``) always;
 ``adversarial``, ``dmd``, ``reflow`` for ``flux_lightning``; ``adversarial``, ``dmd``, ``dmd2`` for ``dmd2``.
-``METHOD_SECTIONS`` lists the section classes for ``training.config.TrainConfig`` (field names are unique
-across sections, so each field is one command-line flag).
+``METHOD_USES`` names the sections each method reads (the training command line refuses the flags of the
+others); ``METHOD_SECTIONS`` lists the section classes for ``training.config.TrainConfig`` (field names are
+unique across sections, so each field is one command-line flag).
 """
 from typing import Optional
 
@@ -19,21 +20,22 @@ from .flux_lightning import FluxLightning
 from .pcm import PCM
 from .reflow import ReflowConfig
 
-__all__ = ["METHODS", "METHOD_SECTIONS", "build_method"]
+__all__ = ["METHODS", "METHOD_SECTIONS", "METHOD_USES", "build_method"]
 
 METHODS = ("pcm", "dmd2", "flux_lightning")
 METHOD_SECTIONS = {"adversarial": AdversarialConfig, "dmd": DistributionMatchingConfig, "reflow": ReflowConfig,
                    "dmd2": DMD2Config}
-_NEEDS = {"pcm": ("pcm",), "flux_lightning": ("pcm", "adversarial", "dmd", "reflow"),
-          "dmd2": ("pcm", "adversarial", "dmd", "dmd2")}
+# the method sections each method reads
+METHOD_USES = {"pcm": ("pcm",), "flux_lightning": ("pcm", "adversarial", "dmd", "reflow"),
+               "dmd2": ("pcm", "adversarial", "dmd", "dmd2")}
 
 
 def _sections(name: str, config):
-    missing = [section for section in _NEEDS[name] if getattr(config, section, None) is None]
+    missing = [section for section in METHOD_USES[name] if getattr(config, section, None) is None]
     if missing:
         raise ValueError(f"--method {name} needs the config sections {missing}, which the config lacks "
                          f"(add methods.registry.METHOD_SECTIONS to the training config)")
-    return {section: getattr(config, section) for section in _NEEDS[name]}
+    return {section: getattr(config, section) for section in METHOD_USES[name]}
 
 
 def build_method(name: str, denoiser: FluxDenoiser, lora_config, config, teacher_guidance: str = "auto",

@@ -11,7 +11,8 @@ fresh adapter leaves the output unchanged. ``scale_a`` is the run-time scale (:f
 
 Which adapters are live is chosen explicitly for the whole model (:func:`use_adapters`); nothing is live by default,
 which is the base (teacher) model. Adapters that are not live take no part in the forward pass, so only the live
-adapters' parameters receive gradients. Typical use::
+adapters' parameters receive gradients. The model's LoRA layers are found once and cached on the model (found again
+after any Linear is wrapped, e.g. by :func:`inject_lora`), so switching costs O(number of LoRA layers). Typical use::
 
     inject_lora(transformer, LoraConfig(rank=32, alpha=32), "student")
     inject_lora(transformer, LoraConfig(rank=32, alpha=32), "fake_score")
@@ -163,15 +164,39 @@ class LoraLinear(nn.Linear):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Bumped each time a Linear is wrapped into a LoraLinear: a model's cached layer list older than this is stale.
+_wrap_generation = 0
+_CACHE_ATTRIBUTE = "_lora_layer_cache"
+
+
 def lora_layers(model: nn.Layer) -> List[Tuple[str, LoraLinear]]:
-    """``(dotted name, layer)`` of every :class:`LoraLinear` in ``model`` (``model`` itself included, named "")."""
-    named = model.named_sublayers(include_self=True)
-    return [(name, layer) for name, layer in named if isinstance(layer, LoraLinear)]
+    """``(dotted name, layer)`` of every :class:`LoraLinear` in ``model`` (``model`` itself included, named "").
+
+    The walk over all sub-layers runs once; the result is cached on ``model`` and rebuilt after any
+    :func:`wrap_linear` (which :func:`inject_lora` and the LoRA file loaders call). Code that restructures a
+    model in another way (replacing sub-layers that hold LoRA layers) calls :func:`forget_lora_layers`.
+    """
+    cached = model.__dict__.get(_CACHE_ATTRIBUTE)
+    if cached is None or cached[0] != _wrap_generation:
+        named = model.named_sublayers(include_self=True)
+        cached = (_wrap_generation, [(name, layer) for name, layer in named if isinstance(layer, LoraLinear)])
+        object.__setattr__(model, _CACHE_ATTRIBUTE, cached)  # a plain attribute: no parameter, buffer or sub-layer
+    return list(cached[1])
+
+
+def forget_lora_layers() -> None:
+    """Invalidate every model's cached list of LoRA layers (after restructuring a model by hand)."""
+    global _wrap_generation
+    _wrap_generation += 1
+
+
+def _adapters_present(layers: List[Tuple[str, LoraLinear]]) -> set:
+    return {name for _, layer in layers for name in layer.lora_adapters.keys()}
 
 
 def adapter_names(model: nn.Layer) -> List[str]:
     """Sorted names of all adapters present anywhere in ``model``."""
-    return sorted({name for _, layer in lora_layers(model) for name in layer.lora_adapters.keys()})
+    return sorted(_adapters_present(lora_layers(model)))
 
 
 def layers_with_adapter(model: nn.Layer, adapter_name: str) -> List[Tuple[str, LoraLinear]]:
@@ -204,6 +229,7 @@ def wrap_linear(model: nn.Layer, module_name: str) -> LoraLinear:
     wrapped = LoraLinear(layer)
     wrapped.live_adapters = live_adapters(model)
     setattr(parent, child_name, wrapped)
+    forget_lora_layers()
     return wrapped
 
 
@@ -241,22 +267,33 @@ def inject_lora(model: nn.Layer, config: LoraConfig, adapter_name: str) -> List[
     return targets
 
 
+def inject_trainable_lora(model: nn.Layer, config: LoraConfig, adapter_name: str) -> List[paddle.Tensor]:
+    """:func:`inject_lora` for an adapter that trains: its parameters get ``stop_gradient=False``; returns them."""
+    inject_lora(model, config, adapter_name)
+    params = adapter_parameters(model, adapter_name)
+    for param in params:
+        param.stop_gradient = False
+    return params
+
+
 def live_adapters(model: nn.Layer) -> Tuple[str, ...]:
     """The adapters currently chosen as live that ``model`` (or a sub-layer passed as model) holds; ``()`` = base."""
     layers = lora_layers(model)
     if not layers:
         return ()
-    present = {name for _, layer in layers for name in layer.lora_adapters.keys()}
+    present = _adapters_present(layers)
     return tuple(name for name in layers[0][1].live_adapters if name in present)
 
 
 def set_live_adapters(model: nn.Layer, *adapter_names_: str) -> None:
     """Make exactly these adapters live for the following forward passes (no names: base model only)."""
     names = tuple(dict.fromkeys(adapter_names_))
-    unknown = [n for n in names if n not in adapter_names(model)]
+    layers = lora_layers(model)
+    present = _adapters_present(layers)
+    unknown = [n for n in names if n not in present]
     if unknown:
-        raise KeyError(f"unknown adapter(s) {unknown}; adapters present: {adapter_names(model)}")
-    for _, layer in lora_layers(model):
+        raise KeyError(f"unknown adapter(s) {unknown}; adapters present: {sorted(present)}")
+    for _, layer in layers:
         layer.live_adapters = names
 
 
@@ -299,14 +336,9 @@ def merge_adapter(model: nn.Layer, adapter_name: str, scale: float = 1.0) -> Non
 
     While merged, the adapter is part of the base: the forward skips it even when live.
     """
-    layers = layers_with_adapter(model, adapter_name)
-    merged = [n for n, layer in layers if layer.lora_adapters[adapter_name].merged_scale is not None]
-    if merged:
-        raise RuntimeError(f"adapter '{adapter_name}' is already merged (e.g. in '{merged[0]}')")
-    for _, layer in layers:
+    for layer in _layers_merged(model, adapter_name, merged=False):
         adapter = layer.lora_adapters[adapter_name]
-        weight = layer.weight.astype("float32") + adapter.delta_weight(scale)
-        layer.weight.set_value(weight.astype(layer.weight.dtype))
+        _add_to_weight(layer, adapter.delta_weight(scale))
         adapter.merged_scale = float(scale)
 
 
@@ -317,15 +349,25 @@ def unmerge_adapter(model: nn.Layer, adapter_name: str) -> None:
     Exact up to float rounding: about 1e-7 relative for float32 weights, but one bf16 step (about 4e-3 relative)
     for bfloat16 weights, so merge into bfloat16 weights only for inference.
     """
-    layers = layers_with_adapter(model, adapter_name)
-    not_merged = [n for n, layer in layers if layer.lora_adapters[adapter_name].merged_scale is None]
-    if not_merged:
-        raise RuntimeError(f"adapter '{adapter_name}' is not merged (e.g. in '{not_merged[0]}')")
-    for _, layer in layers:
+    for layer in _layers_merged(model, adapter_name, merged=True):
         adapter = layer.lora_adapters[adapter_name]
-        weight = layer.weight.astype("float32") - adapter.delta_weight(adapter.merged_scale)
-        layer.weight.set_value(weight.astype(layer.weight.dtype))
+        _add_to_weight(layer, -adapter.delta_weight(adapter.merged_scale))
         adapter.merged_scale = None
+
+
+def _layers_merged(model: nn.Layer, adapter_name: str, merged: bool) -> List[LoraLinear]:
+    """The layers holding ``adapter_name``; raises unless the adapter is merged in all (``merged``) or in none."""
+    layers = layers_with_adapter(model, adapter_name)
+    wrong = [n for n, layer in layers if (layer.lora_adapters[adapter_name].merged_scale is not None) != merged]
+    if wrong:
+        state = "is not merged" if merged else "is already merged"
+        raise RuntimeError(f"adapter '{adapter_name}' {state} (e.g. in '{wrong[0]}')")
+    return [layer for _, layer in layers]
+
+
+def _add_to_weight(layer: LoraLinear, delta: paddle.Tensor) -> None:
+    """``W <- W + delta`` computed in float32 (``delta [in, out]`` float32), stored in the weight's dtype."""
+    layer.weight.set_value((layer.weight.astype("float32") + delta).astype(layer.weight.dtype))
 
 
 @contextlib.contextmanager
@@ -346,7 +388,8 @@ def adapter_modules(model: nn.Layer, adapter_name: str) -> Dict[str, LoraAdapter
 
 __all__ = [
     "DEFAULT_TARGET_MODULES", "LoraConfig", "LoraAdapter", "LoraLinear", "matches_target", "inject_lora",
+    "inject_trainable_lora",
     "use_adapters", "set_live_adapters", "live_adapters", "adapter_names", "adapter_parameters", "adapter_modules",
     "set_adapter_scale", "merge_adapter", "unmerge_adapter", "record_live_adapters", "wrap_linear", "freeze_base",
-    "lora_layers", "layers_with_adapter",
+    "lora_layers", "forget_lora_layers", "layers_with_adapter",
 ]

@@ -18,93 +18,89 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence
 
+from ..config_fields import flag
 from ..methods.adversarial import AdversarialConfig
 from ..methods.distribution_matching import DistributionMatchingConfig
 from ..methods.dmd2 import DMD2Config
 from ..methods.pcm import PCMConfig
 from ..methods.reflow import ReflowConfig
-from ..methods.registry import METHODS
-
-
-def _f(default, help, **extra):
-    """A dataclass field whose help text doubles as the command-line help."""
-    return field(default=default, metadata={"help": help, **extra})
+from ..methods.registry import METHOD_USES, METHODS
 
 
 @dataclass
 class ModelConfig:
-    pretrained_teacher_model: Optional[str] = _f(
+    pretrained_teacher_model: Optional[str] = flag(
         None, "FLUX folder in diffusers layout (transformer/ sub-folder or the transformer folder itself); "
         "the reference run used black-forest-labs/FLUX.1-dev")
-    teacher_guidance: str = _f(
+    teacher_guidance: str = flag(
         "auto", "how the teacher applies guidance: embedded (FLUX.1-dev), cfg (two passes with an "
         "unconditional embedding), auto (embedded when the transformer has a guidance embedding)",
         choices=["auto", "embedded", "cfg"])
-    lora_rank: int = _f(32, "LoRA rank r of every adapted Linear")
-    lora_alpha: float = _f(8.0, "LoRA alpha; scale = alpha / r (8 / 32 = 0.25 as the reference's adapter)")
-    lora_dropout: float = _f(0.0, "dropout on the LoRA input")
-    lora_target_modules: str = _f(
+    lora_rank: int = flag(32, "LoRA rank r of every adapted Linear")
+    lora_alpha: float = flag(8.0, "LoRA alpha; scale = alpha / r (8 / 32 = 0.25 as the reference's adapter)")
+    lora_dropout: float = flag(0.0, "dropout on the LoRA input")
+    lora_target_modules: str = flag(
         "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,"
         "attn.to_add_out,ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2",
         "comma-separated module-name suffixes that get LoRA (the reference's list)")
-    mixed_precision: str = _f("bf16", "no | fp16 | bf16; on CPU everything runs in fp32",
-                              choices=["no", "fp16", "bf16"])
-    fp16_opt_level: str = _f("O1", "AMP level: O1 (frozen base in low precision, trainable weights fp32) or "
-                             "O2 (trainable weights low precision too, fp32 master weights in AdamW)",
-                             choices=["O0", "O1", "O2"])
-    gradient_checkpointing: bool = _f(True, "recompute every transformer block in the backward pass")
+    mixed_precision: str = flag("bf16", "no | fp16 | bf16; on CPU everything runs in fp32",
+                                choices=["no", "fp16", "bf16"])
+    fp16_opt_level: str = flag("O1", "AMP level: O1 (frozen base in low precision, trainable weights fp32) or "
+                               "O2 (trainable weights low precision too, fp32 master weights in AdamW)",
+                               choices=["O0", "O1", "O2"])
+    gradient_checkpointing: bool = flag(True, "recompute every transformer block in the backward pass")
 
 
 @dataclass
 class DataConfig:
-    data_path: Optional[str] = _f(None, "training data folder (LAION-style records or precomputed latents)")
-    file_list_path: Optional[str] = _f(None, "text file listing the data files relative to --data_path")
-    resolution: int = _f(1024, "training image size (square) in pixels")
-    center_crop: bool = _f(False, "center crop instead of random crop after resizing")
-    random_flip: bool = _f(False, "randomly flip training images horizontally")
-    train_batch_size: int = _f(1, "batch size per device")
-    dataloader_num_workers: int = _f(32, "data loading worker processes (0 = in the main process)")
-    max_sequence_length: int = _f(512, "T5 prompt length in tokens")
+    data_path: Optional[str] = flag(None, "training data folder (LAION-style records or precomputed latents)")
+    file_list_path: Optional[str] = flag(None, "text file listing the data files relative to --data_path")
+    resolution: int = flag(1024, "training image size (square) in pixels")
+    center_crop: bool = flag(False, "center crop instead of random crop after resizing")
+    random_flip: bool = flag(False, "randomly flip training images horizontally")
+    train_batch_size: int = flag(1, "batch size per device")
+    dataloader_num_workers: int = flag(32, "data loading worker processes (0 = in the main process)")
+    max_sequence_length: int = flag(512, "T5 prompt length in tokens")
 
 
 @dataclass
 class OptimConfig:
-    learning_rate: float = _f(5e-6, "peak learning rate of the generator (student LoRA)")
-    scale_lr: bool = _f(False, "multiply the learning rate by world size x accumulation x batch size")
-    lr_scheduler: str = _f("constant", "learning-rate shape after warm-up",
-                           choices=["constant", "constant_with_warmup", "linear", "cosine",
-                                    "cosine_with_restarts", "polynomial"])
-    lr_warmup_steps: int = _f(500, "linear warm-up steps (ignored by 'constant', as in diffusers)")
-    lr_num_cycles: int = _f(1, "hard restarts of cosine_with_restarts")
-    lr_power: float = _f(1.0, "power of the polynomial decay")
-    adam_beta1: float = _f(0.9, "AdamW beta1")
-    adam_beta2: float = _f(0.999, "AdamW beta2")
-    adam_weight_decay: float = _f(1e-3, "AdamW decoupled weight decay")
-    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
-    max_grad_norm: float = _f(1.0, "clip the global gradient norm of each parameter group (0 = off)")
-    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer update")
-    max_train_steps: Optional[int] = _f(28652, "optimizer updates in total (overrides --num_train_epochs)")
-    num_train_epochs: int = _f(1, "epochs, used only when --max_train_steps is not given")
+    learning_rate: float = flag(5e-6, "peak learning rate of the generator (student LoRA)")
+    scale_lr: bool = flag(False, "multiply the learning rate by world size x accumulation x batch size")
+    lr_scheduler: str = flag("constant", "learning-rate shape after warm-up",
+                             choices=["constant", "constant_with_warmup", "linear", "cosine",
+                                      "cosine_with_restarts", "polynomial"])
+    lr_warmup_steps: int = flag(500, "linear warm-up steps (ignored by 'constant', as in diffusers)")
+    lr_num_cycles: int = flag(1, "hard restarts of cosine_with_restarts")
+    lr_power: float = flag(1.0, "power of the polynomial decay")
+    adam_beta1: float = flag(0.9, "AdamW beta1")
+    adam_beta2: float = flag(0.999, "AdamW beta2")
+    adam_weight_decay: float = flag(1e-3, "AdamW decoupled weight decay")
+    adam_epsilon: float = flag(1e-8, "AdamW epsilon")
+    max_grad_norm: float = flag(1.0, "clip the global gradient norm of each parameter group (0 = off)")
+    gradient_accumulation_steps: int = flag(1, "micro-batches per optimizer update")
+    max_train_steps: Optional[int] = flag(28652, "optimizer updates in total (overrides --num_train_epochs)")
+    num_train_epochs: int = flag(1, "epochs, used only when --max_train_steps is not given")
 
 
 @dataclass
 class RunConfig:
-    method: str = _f("pcm", "distillation method", choices=list(METHODS))
-    output_dir: str = _f("outputs/lora_flux_lightning", "checkpoints, logs and the final LoRA go here")
-    seed: Optional[int] = _f(453645634, "global seed (each rank adds its rank)")
-    checkpointing_steps: int = _f(1000, "write a checkpoint every N optimizer updates (and at the end)")
-    checkpoints_total_limit: Optional[int] = _f(30, "keep only the newest M checkpoints")
-    resume_from_checkpoint: Optional[str] = _f(
+    method: str = flag("pcm", "distillation method", choices=list(METHODS))
+    output_dir: str = flag("outputs/lora_flux_lightning", "checkpoints, logs and the final LoRA go here")
+    seed: Optional[int] = flag(453645634, "global seed (each rank adds its rank)")
+    checkpointing_steps: int = flag(1000, "write a checkpoint every N optimizer updates (and at the end)")
+    checkpoints_total_limit: Optional[int] = flag(30, "keep only the newest M checkpoints")
+    resume_from_checkpoint: Optional[str] = flag(
         "latest", "'latest' (newest checkpoint in --output_dir, or a fresh start when there is none) or a path")
-    logging_dir: str = _f("logs", "VisualDL folder, relative to --output_dir")
-    report_to: str = _f("visualdl", "scalar/image logger", choices=["visualdl", "none"])
-    tracker_project_name: str = _f("flux-lightning", "run name shown in VisualDL")
-    validation_steps: int = _f(20000, "sample the fixed prompts every N updates (0 = never)")
-    validation_prompt: str = _f("a photo of a cat sitting on a wooden table", "validation prompt(s), '|'-separated")
-    num_validation_images: int = _f(4, "images per validation prompt")
-    sample_batch_size: int = _f(4, "batch size when sampling validation images")
-    pre_alloc_memory: int = _f(0, "GiB of GPU memory reserved by the allocator at start (GPU only)")
-    local_rank: int = _f(-1, "set by the launcher; the rank is read from the environment")
+    logging_dir: str = flag("logs", "VisualDL folder, relative to --output_dir")
+    report_to: str = flag("visualdl", "scalar/image logger", choices=["visualdl", "none"])
+    tracker_project_name: str = flag("flux-lightning", "run name shown in VisualDL")
+    validation_steps: int = flag(20000, "sample the fixed prompts every N updates (0 = never)")
+    validation_prompt: str = flag("a photo of a cat sitting on a wooden table", "validation prompt(s), '|'-separated")
+    num_validation_images: int = flag(4, "images per validation prompt")
+    sample_batch_size: int = flag(4, "batch size when sampling validation images")
+    pre_alloc_memory: int = flag(0, "GiB of GPU memory reserved by the allocator at start (GPU only)")
+    local_rank: int = flag(-1, "set by the launcher; the rank is read from the environment")
 
 
 @dataclass
@@ -122,10 +118,9 @@ class TrainConfig:
     dmd2: DMD2Config = field(default_factory=DMD2Config)
 
 
-# the method sections each method reads; flags of the other method sections are refused for it
+# sections every method reads; of the method sections, a method reads those of ``METHOD_USES`` and the flags
+# of the others are refused for it
 COMMON_SECTIONS = ("model", "data", "optim", "run")
-METHOD_USES = {"pcm": ("pcm",), "flux_lightning": ("pcm", "adversarial", "dmd", "reflow"),
-               "dmd2": ("pcm", "adversarial", "dmd", "dmd2")}
 
 
 # flag -> why it is refused. Each is parsed (so the message names it) and rejected when given.

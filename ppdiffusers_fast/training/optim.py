@@ -8,7 +8,7 @@ in a resumed process.
 """
 import math
 from dataclasses import dataclass, replace
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 import paddle
@@ -128,18 +128,23 @@ def _accumulator_key(optimizer, param) -> str:
     return master.name if master is not None else param.name
 
 
-def optimizer_state_arrays(group: GroupOptimizer) -> Tuple[Dict[str, np.ndarray], dict]:
-    """``({"<param name>::<state>": array}, scalars)`` for one group (moments, beta powers, master weights)."""
+def _state_tensors(group: GroupOptimizer) -> Iterator[Tuple[str, paddle.Tensor]]:
+    """``("<param name>::<state>", tensor)`` of every state the group's optimizer holds now (moments, beta
+    powers, master weights), by structured parameter name."""
     optimizer = group.optimizer
-    arrays: Dict[str, np.ndarray] = {}
     master_weights = getattr(optimizer, "_master_weights", {})
     for name, param in group.params.items():
         key = _accumulator_key(optimizer, param)
         for state_name, per_param in optimizer._accumulators.items():
             if key in per_param:
-                arrays[f"{name}::{state_name}"] = per_param[key].astype("float32").numpy()
+                yield f"{name}::{state_name}", per_param[key]
         if param.name in master_weights:
-            arrays[f"{name}::master_weight"] = master_weights[param.name].astype("float32").numpy()
+            yield f"{name}::master_weight", master_weights[param.name]
+
+
+def optimizer_state_arrays(group: GroupOptimizer) -> Tuple[Dict[str, np.ndarray], dict]:
+    """``({"<param name>::<state>": array}, scalars)`` for one group (moments, beta powers, master weights)."""
+    arrays = {key: tensor.astype("float32").numpy() for key, tensor in _state_tensors(group)}
     scalars = {"lr_scheduler": group.scheduler.state_dict(), "learning_rate": group.scheduler.last_lr}
     return arrays, scalars
 
@@ -154,16 +159,9 @@ def load_optimizer_state(group: GroupOptimizer, arrays: Dict[str, np.ndarray], s
     params = list(group.params.values())
     optimizer._create_accumulators(paddle.static.default_main_program().global_block(), params)
     expected = set()
-    master_weights = getattr(optimizer, "_master_weights", {})
-    for name, param in group.params.items():
-        key = _accumulator_key(optimizer, param)
-        for state_name, per_param in optimizer._accumulators.items():
-            if key in per_param:
-                expected.add(f"{name}::{state_name}")
-                _assign(per_param[key], arrays, f"{name}::{state_name}", group.name)
-        if param.name in master_weights:
-            expected.add(f"{name}::master_weight")
-            _assign(master_weights[param.name], arrays, f"{name}::master_weight", group.name)
+    for key, tensor in _state_tensors(group):
+        expected.add(key)
+        _assign(tensor, arrays, key, group.name)
     unexpected = sorted(set(arrays) - expected)
     if unexpected:
         raise KeyError(f"optimizer state of group '{group.name}' has entries for unknown parameters: {unexpected[:5]}")

@@ -9,21 +9,23 @@ from ppdiffusers_fast.methods.dmd2 import DMD2, DMD2Config
 from ppdiffusers_fast.methods.flux_lightning import FluxLightning
 from ppdiffusers_fast.methods.pcm import PCM, LatentBatch, PCMConfig
 from ppdiffusers_fast.methods.reflow import ReflowConfig
-from ppdiffusers_fast.models.lora import LoraConfig, adapter_parameters, lora_layers
-from ppdiffusers_fast.models.transformer_flux import FluxTransformer2DModel
+from ppdiffusers_fast.models.lora import adapter_parameters, inject_trainable_lora, lora_layers
 from ppdiffusers_fast.pipelines.latents import latent_image_ids, pack_latents
+from tiny_models import tiny_flux, tiny_lora
 
-# inner dim 2 x 16 = 32; one double block and two single blocks
-TINY_FLUX = dict(in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-                 joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8))
-TINY_LORA = LoraConfig(rank=4, alpha=4.0, target_modules=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                                                          "ff.net.2", "proj_mlp", "proj_out"))
+TINY_LORA = tiny_lora()
 HEAD_CHANNELS = 8
 
 
 def tiny_denoiser(seed=0, guidance_embeds=True):
-    paddle.seed(seed)
-    return FluxDenoiser(FluxTransformer2DModel(guidance_embeds=guidance_embeds, **TINY_FLUX))
+    return FluxDenoiser(tiny_flux(seed, guidance_embeds))
+
+
+def student_denoiser(seed=0):
+    """A tiny denoiser with a trainable "student" adapter (still zero: see :func:`randomize_adapters`)."""
+    denoiser = tiny_denoiser(seed)
+    inject_trainable_lora(denoiser.transformer, TINY_LORA, "student")
+    return denoiser
 
 
 def tiny_batch(batch_size=2, latent_hw=(4, 8), text_len=5, seed=1):

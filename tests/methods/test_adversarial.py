@@ -5,21 +5,17 @@ import math
 import numpy as np
 import paddle
 import pytest
-from lightning_toys import (HEAD_CHANNELS, TINY_LORA, base_parameters, clear_gradients, has_gradient,
-                            randomize_adapters, tiny_batch, tiny_denoiser)
+from lightning_toys import (HEAD_CHANNELS, base_parameters, clear_gradients, has_gradient, randomize_adapters,
+                            student_denoiser, tiny_batch, tiny_denoiser, tiny_flux)
 
 from ppdiffusers_fast.methods.adversarial import AdversarialConfig, AdversarialLearning, latent_grid_hw
 from ppdiffusers_fast.methods.pcm import LatentBatch
-from ppdiffusers_fast.models.lora import adapter_parameters, inject_lora, record_live_adapters, use_adapters
-from ppdiffusers_fast.models.transformer_flux import FluxTransformer2DModel
+from ppdiffusers_fast.models.lora import adapter_parameters, record_live_adapters, use_adapters
 from ppdiffusers_fast.methods.denoiser import FluxDenoiser
 
 
 def _setup(loss_type="hinge"):
-    denoiser = tiny_denoiser()
-    inject_lora(denoiser.transformer, TINY_LORA, "student")
-    for p in adapter_parameters(denoiser.transformer, "student"):
-        p.stop_gradient = False
+    denoiser = student_denoiser()
     randomize_adapters(denoiser, ["student"])
     adversarial = AdversarialLearning(denoiser, AdversarialConfig(adv_head_channels=HEAD_CHANNELS,
                                                                   adv_loss_type=loss_type))
@@ -38,10 +34,7 @@ def _student_sample(denoiser, batch, cond):
 
 @pytest.mark.parametrize("layers", [(1, 2), (2, 1)])
 def test_one_head_per_transformer_block(layers):
-    paddle.seed(0)
-    transformer = FluxTransformer2DModel(in_channels=16, num_layers=layers[0], num_single_layers=layers[1],
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=32, axes_dims_rope=(4, 4, 8))
+    transformer = tiny_flux(guidance_embeds=False, num_layers=layers[0], num_single_layers=layers[1])
     adversarial = AdversarialLearning(FluxDenoiser(transformer), AdversarialConfig(adv_head_channels=HEAD_CHANNELS))
     assert len(adversarial.heads.heads) == sum(layers)
     assert adversarial.heads.heads[0].conv_in.weight.shape[1] == 32  # inner dim of the blocks

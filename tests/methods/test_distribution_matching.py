@@ -4,7 +4,7 @@ import numpy as np
 import paddle
 import pytest
 from lightning_toys import (TINY_LORA, base_parameters, clear_gradients, has_gradient, randomize_adapters,
-                            tiny_batch, tiny_denoiser)
+                            student_denoiser, tiny_batch, tiny_denoiser)
 
 from ppdiffusers_fast import schedules
 from ppdiffusers_fast.methods.distribution_matching import (FAKE_SCORE_ADAPTER, DistributionMatching,
@@ -13,10 +13,7 @@ from ppdiffusers_fast.models.lora import adapter_parameters, inject_lora, record
 
 
 def _setup(fake_score):
-    denoiser = tiny_denoiser()
-    inject_lora(denoiser.transformer, TINY_LORA, "student")
-    for p in adapter_parameters(denoiser.transformer, "student"):
-        p.stop_gradient = False
+    denoiser = student_denoiser()
     dmd = DistributionMatching(denoiser, DistributionMatchingConfig(dmd_fake_score=fake_score), "student",
                                guidance_scale=3.5, guidance_mode="embedded", lora_config=TINY_LORA)
     randomize_adapters(denoiser, ["student"] + ([FAKE_SCORE_ADAPTER] if fake_score == "adapter" else []))

@@ -42,8 +42,9 @@ def test_targets_by_hand_boundary_and_inner_indices():
     batch = _batch()
     index = paddle.to_tensor([1, 5, 3], dtype="int64")  # boundary (0), boundary (4), inner (phase edge 0)
     noise = paddle.randn(batch.latents.shape)
-    prediction, target, at_boundary = method.consistency_pair(batch.latents, noise, index, batch.cond)
-    assert at_boundary.numpy().tolist() == [True, True, False]
+    pair = method.consistency_pair(batch.latents, noise, index, batch.cond)
+    prediction, target = pair.prediction, pair.target
+    assert pair.at_boundary.numpy().tolist() == [True, True, False]
 
     mu = schedules.resolution_mu(batch.latents.shape[1])
     grid = schedules.time_shift(np.arange(9, dtype=np.float64) / 8, mu)
@@ -56,6 +57,17 @@ def test_targets_by_hand_boundary_and_inner_indices():
     sig = lambda a: paddle.to_tensor(a.reshape(-1).astype("float32"))  # noqa: E731
     v_student = _velocity(method, as_tensor(x_t), sig(s), batch.cond, [STUDENT])
     np.testing.assert_allclose(prediction.numpy(), x_t + (s_edge - s) * v_student, atol=1e-5)
+    # what the prediction was built from, and the student's clean sample x_i - sigma_i v from the same pass
+    np.testing.assert_array_equal(pair.lower.numpy(), edge)
+    np.testing.assert_array_equal(pair.upper.numpy(), [4, 8, 4])
+    np.testing.assert_allclose(pair.sigma.numpy(), grid[i], rtol=1e-6)
+    np.testing.assert_allclose(pair.sigma_edge.numpy(), grid[edge], rtol=1e-6)
+    np.testing.assert_allclose(pair.grid.numpy(), grid, rtol=1e-6)
+    np.testing.assert_allclose(pair.x_t.numpy(), x_t, atol=1e-5)
+    np.testing.assert_allclose(pair.student_velocity.numpy(), v_student, atol=1e-5)
+    np.testing.assert_allclose(pair.student_x0.numpy(), x_t - s * v_student, rtol=1e-5, atol=2e-5)
+    phase_0 = edge == 0  # sigma_{e_0} = 0: the jump lands on the clean sample
+    np.testing.assert_allclose(pair.student_x0.numpy()[phase_0], prediction.numpy()[phase_0], atol=1e-6)
 
     v_teacher = _velocity(method, as_tensor(x_t), sig(s), batch.cond, [])
     x_prev = x_t + (s_prev - s) * v_teacher
@@ -72,8 +84,9 @@ def test_lcm_is_one_phase_and_several_teacher_substeps_are_euler_steps():
     batch = _batch(2)
     index = paddle.to_tensor([1, 3], dtype="int64")
     noise = paddle.randn(batch.latents.shape)
-    _, target, at_boundary = method.consistency_pair(batch.latents, noise, index, batch.cond)
-    assert at_boundary.numpy().tolist() == [True, False]
+    pair = method.consistency_pair(batch.latents, noise, index, batch.cond)
+    target = pair.target
+    assert pair.at_boundary.numpy().tolist() == [True, False]
 
     grid = schedules.time_shift(np.arange(5, dtype=np.float64) / 4, schedules.resolution_mu(4))
     s, s_prev = grid[[1, 3]][:, None, None], grid[[0, 2]][:, None, None]

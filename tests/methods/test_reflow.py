@@ -3,18 +3,15 @@ phase-end prediction is a stop-gradient target, and the loss equals a hand-compu
 import numpy as np
 import paddle
 import pytest
-from lightning_toys import TINY_LORA, base_parameters, has_gradient, randomize_adapters, tiny_batch, tiny_denoiser
+from lightning_toys import base_parameters, has_gradient, randomize_adapters, student_denoiser, tiny_batch
 
 from ppdiffusers_fast import schedules
-from ppdiffusers_fast.methods.reflow import Reflow, ReflowConfig, draw_grid_index
-from ppdiffusers_fast.models.lora import adapter_parameters, inject_lora, record_live_adapters, use_adapters
+from ppdiffusers_fast.methods.reflow import Reflow, ReflowConfig
+from ppdiffusers_fast.models.lora import adapter_parameters, record_live_adapters, use_adapters
 
 
 def _setup():
-    denoiser = tiny_denoiser()
-    inject_lora(denoiser.transformer, TINY_LORA, "student")
-    for p in adapter_parameters(denoiser.transformer, "student"):
-        p.stop_gradient = False
+    denoiser = student_denoiser()
     randomize_adapters(denoiser, ["student"])
     return denoiser, Reflow(denoiser, "student", "huber", 0.001), tiny_batch()
 
@@ -79,12 +76,15 @@ def test_the_phase_end_prediction_is_a_stop_gradient_target():
 def test_levels_are_drawn_strictly_above_the_lower_edge_up_to_the_upper_edge():
     denoiser, reflow, batch = _setup()
     paddle.seed(0)
-    index = draw_grid_index(paddle.to_tensor([0, 4] * 200) + 1, paddle.to_tensor([4, 8] * 200), 400).numpy()
+    # the draw Reflow.loss makes when no index is given (schedules.draw_grid_index is tested in test_schedules)
+    index = schedules.draw_grid_index(paddle.to_tensor([0, 4] * 200) + 1, paddle.to_tensor([4, 8] * 200), 400).numpy()
     assert set(index[0::2]) == {1, 2, 3, 4} and set(index[1::2]) == {5, 6, 7, 8}
-    assert set(draw_grid_index(3, 3, 5).numpy()) == {3}
-    with pytest.raises(ValueError, match="low <= high"):
-        draw_grid_index(4, 3, 2)
-    with pytest.raises(ValueError, match="entries for a batch"):
-        draw_grid_index(paddle.to_tensor([0, 1, 2]), 5, 2)
+    grid = schedules.solver_grid(8, 0.5)
+    lower, upper = paddle.to_tensor([0, 4]), paddle.to_tensor([4, 8])
+    with paddle.no_grad():
+        out = reflow.loss(batch.latents, paddle.gather(grid, lower), grid, lower, upper, batch.cond.with_guidance(3.5))
+    drawn = out.index.numpy()
+    assert 0 < drawn[0] <= 4 and 4 < drawn[1] <= 8
+    np.testing.assert_array_equal(out.r.numpy(), grid.numpy()[drawn])
     with pytest.raises(ValueError, match="reflow_loss_weight"):
         ReflowConfig(reflow_loss_weight=-1.0).validate()

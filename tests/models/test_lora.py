@@ -7,8 +7,8 @@ import paddle.nn as nn
 import pytest
 
 from ppdiffusers_fast.models.lora import (
-    DEFAULT_TARGET_MODULES, LoraConfig, LoraLinear, adapter_parameters, inject_lora, live_adapters, matches_target,
-    merge_adapter, record_live_adapters, set_adapter_scale, unmerge_adapter, use_adapters,
+    DEFAULT_TARGET_MODULES, LoraConfig, LoraLinear, adapter_parameters, inject_lora, live_adapters, lora_layers,
+    matches_target, merge_adapter, record_live_adapters, set_adapter_scale, unmerge_adapter, use_adapters,
 )
 from ppdiffusers_fast.models.transformer_flux import FluxTransformer2DModel
 
@@ -46,6 +46,12 @@ def numpy_forward(model, x, adapters):
     return linear(model.blocks[0].proj, np.tanh(linear(model.fc1, x)))
 
 
+def forward(model, x, *adapters):
+    """``model(x)`` as numpy with exactly ``adapters`` live."""
+    with use_adapters(model, *adapters):
+        return model(x).numpy()
+
+
 @pytest.fixture
 def small():
     model = TwoLayer()
@@ -58,19 +64,16 @@ def small():
 
 def test_fresh_adapter_leaves_output_unchanged(small):
     model, x, base_out = small
-    with use_adapters(model, "student", "fake_score"):
-        np.testing.assert_array_equal(model(x).numpy(), base_out)
+    np.testing.assert_array_equal(forward(model, x, "student", "fake_score"), base_out)
 
 
 def test_forward_matches_hand_computation_with_alpha_not_rank(small):
     model, x, _ = small
     randomize(model, "student", 1)
     randomize(model, "fake_score", 2)
-    with use_adapters(model, "student"):
-        out = model(x).numpy()
+    out = forward(model, x, "student")
     np.testing.assert_allclose(out, numpy_forward(model, x.numpy(), [("student", 3.0 / 2)]), atol=1e-6)
-    with use_adapters(model, "student", "fake_score"):
-        both = model(x).numpy()
+    both = forward(model, x, "student", "fake_score")
     expected = numpy_forward(model, x.numpy(), [("student", 1.5), ("fake_score", 1.5 / 3)])
     np.testing.assert_allclose(both, expected, atol=1e-6)
 
@@ -100,6 +103,38 @@ def test_adapter_on_part_of_the_model_and_sub_layer_switching(small):
             assert live_adapters(block) == () and live_adapters(model.fc1) == ("student", "partial")
         assert live_adapters(block) == ("student",) and live_adapters(model) == ("student", "partial")
     assert live_adapters(model) == ()
+
+
+def test_switching_reads_the_cached_lora_layers_and_wrapping_refreshes_them(monkeypatch):
+    model = TwoLayer()
+    x = paddle.randn([3, 6])
+    inject_lora(model, LoraConfig(rank=2, alpha=2.0, target_modules=("fc1",)), "first")
+    randomize(model, "first", 1)
+    assert [name for name, _ in lora_layers(model)] == ["fc1"] and lora_layers(model.blocks) == []
+    walks = []
+    for layer in (model, model.blocks):
+        walk = layer.named_sublayers
+        monkeypatch.setattr(layer, "named_sublayers", lambda *a, _walk=walk, **kw: walks.append(1) or _walk(*a, **kw))
+    for _ in range(5):
+        with use_adapters(model, "first"):
+            assert live_adapters(model) == ("first",)
+        with use_adapters(model.blocks):
+            pass
+    assert walks == []  # every switch read the cached list: no walk over the sub-layers
+    # wrapping another Linear (a second adapter on new targets) refreshes the cache of the model and its sub-layers
+    inject_lora(model, LoraConfig(rank=2, alpha=2.0, target_modules=("blocks.0.proj",)), "second")
+    randomize(model, "second", 2)
+    assert [name for name, _ in lora_layers(model)] == ["fc1", "blocks.0.proj"]
+    assert [layer for _, layer in lora_layers(model.blocks)] == [model.blocks[0].proj]
+    with use_adapters(model, "first", "second"):
+        assert live_adapters(model.blocks) == ("second",)
+        out = model(x).numpy()
+
+    def linear(layer, name, h):  # alpha / rank = 1
+        a = layer.lora_adapters[name]
+        return h @ layer.weight.numpy() + layer.bias.numpy() + h @ a.lora_A.numpy() @ a.lora_B.numpy()
+    expected = linear(model.blocks[0].proj, "second", np.tanh(linear(model.fc1, "first", x.numpy())))
+    np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
 def test_base_state_dict_names_unchanged_and_base_frozen():
@@ -150,21 +185,19 @@ def test_merge_then_unmerge_restores_base_weights(small):
     model, x, base_out = small
     randomize(model, "student", 1)
     weights = [model.fc1.weight.numpy().copy(), model.blocks[0].proj.weight.numpy().copy()]
-    with use_adapters(model, "student"):
-        live_out = model(x).numpy()
+    live_out = forward(model, x, "student")
     expected_merged = numpy_forward(model, x.numpy(), [("student", 0.5 * 1.5)])
     merge_adapter(model, "student", scale=0.5)
     np.testing.assert_allclose(model(x).numpy(), expected_merged, atol=1e-6)  # base now carries 0.5 * delta
-    with use_adapters(model, "student"):  # a merged adapter is not added twice
-        np.testing.assert_allclose(model(x).numpy(), expected_merged, atol=1e-6)
+    # a merged adapter is not added twice
+    np.testing.assert_allclose(forward(model, x, "student"), expected_merged, atol=1e-6)
     with pytest.raises(RuntimeError, match="already merged"):
         merge_adapter(model, "student")
     unmerge_adapter(model, "student")
     np.testing.assert_allclose(model.fc1.weight.numpy(), weights[0], atol=1e-6, rtol=0)
     np.testing.assert_allclose(model.blocks[0].proj.weight.numpy(), weights[1], atol=1e-6, rtol=0)
     np.testing.assert_allclose(model(x).numpy(), base_out, atol=1e-6)
-    with use_adapters(model, "student"):
-        np.testing.assert_allclose(model(x).numpy(), live_out, atol=1e-6)
+    np.testing.assert_allclose(forward(model, x, "student"), live_out, atol=1e-6)
     with pytest.raises(RuntimeError, match="not merged"):
         unmerge_adapter(model, "student")
 
@@ -173,12 +206,10 @@ def test_run_time_scale(small):
     model, x, base_out = small
     randomize(model, "student", 1)
     set_adapter_scale(model, "student", 0.25)
-    with use_adapters(model, "student"):
-        out = model(x).numpy()
+    out = forward(model, x, "student")
     np.testing.assert_allclose(out, numpy_forward(model, x.numpy(), [("student", 0.25 * 1.5)]), atol=1e-6)
     set_adapter_scale(model, "student", 0.0)
-    with use_adapters(model, "student"):
-        np.testing.assert_array_equal(model(x).numpy(), base_out)
+    np.testing.assert_array_equal(forward(model, x, "student"), base_out)
 
 
 def test_dropout_only_in_training():

@@ -27,6 +27,16 @@ def read(path):
         return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
 
 
+def assert_same_tensors(path, committed_path):
+    """The safetensors file ``path`` holds exactly the keys and values of ``committed_path``; returns both."""
+    written, _ = read(path)
+    committed, _ = read(committed_path)
+    assert sorted(written) == sorted(committed)
+    for key in committed:
+        np.testing.assert_array_equal(written[key], committed[key])
+    return written, committed
+
+
 @pytest.fixture
 def lora_dir(fixtures_dir):
     return fixtures_dir / "lora"
@@ -109,11 +119,7 @@ def test_our_export_loads_in_diffusers_with_same_output(model, inputs, torch_out
     assert max_abs(out, torch_outputs["ours_exported"]) < PARITY_ATOL
     # exporting again reproduces the committed file that diffusers loaded
     export_diffusers_lora(model, "ours", tmp_path / "again.safetensors")
-    again, _ = read(tmp_path / "again.safetensors")
-    committed, _ = read(lora_dir / "ours_exported.safetensors")
-    assert sorted(again) == sorted(committed)
-    for key in committed:
-        np.testing.assert_array_equal(again[key], committed[key])
+    _, committed = assert_same_tensors(tmp_path / "again.safetensors", lora_dir / "ours_exported.safetensors")
     a = model.transformer_blocks[0].attn.to_q.lora_adapters["ours"]
     np.testing.assert_array_equal(committed["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"],
                                   a.lora_A.numpy().T)  # PyTorch orientation [rank, in]
@@ -124,11 +130,7 @@ def test_our_export_loads_in_diffusers_with_same_output(model, inputs, torch_out
 def test_export_with_mixed_ranks_and_alphas_loads_in_diffusers(model, inputs, torch_outputs, lora_dir, tmp_path):
     import_lora(model, lora_dir / "kohya_adapter.safetensors", "kohya")
     export_diffusers_lora(model, "kohya", tmp_path / "mixed.safetensors")
-    exported, _ = read(tmp_path / "mixed.safetensors")
-    committed, _ = read(lora_dir / "ours_exported_mixed.safetensors")
-    assert sorted(exported) == sorted(committed)
-    for key in committed:
-        np.testing.assert_array_equal(exported[key], committed[key])
+    exported, _ = assert_same_tensors(tmp_path / "mixed.safetensors", lora_dir / "ours_exported_mixed.safetensors")
     assert {v.shape[0] for k, v in exported.items() if k.endswith("lora_A.weight")} == {4}  # padded to one rank
     assert max_abs(run(model, inputs, "kohya"), torch_outputs["ours_exported_mixed"]) < PARITY_ATOL
     import_lora(model, tmp_path / "mixed.safetensors", "again")

@@ -140,6 +140,29 @@ def test_phase_of_index_rejects_bad_arguments():
         schedules.phase_of_index(3, [5, 10])
 
 
+def test_draw_grid_index_is_uniform_over_inclusive_bounds():
+    paddle.seed(0)
+    index = schedules.draw_grid_index(paddle.to_tensor([1, 5] * 200), paddle.to_tensor([4, 8] * 200), 400)
+    assert index.dtype == paddle.int64 and index.shape == [400]
+    index = index.numpy()
+    assert set(index[0::2]) == {1, 2, 3, 4} and set(index[1::2]) == {5, 6, 7, 8}
+    # python-int bounds: every value of 1..N about equally often (expected 1000 each, std about 27)
+    counts = np.bincount(schedules.draw_grid_index(1, 4, 4000).numpy(), minlength=5)
+    assert counts[0] == 0 and counts[1:].sum() == 4000 and counts[1:].min() > 850
+    assert set(schedules.draw_grid_index(3, 3, 5).numpy()) == {3}
+    mixed = schedules.draw_grid_index(paddle.to_tensor([0, 6]), 7, 2).numpy()
+    assert 0 <= mixed[0] <= 7 and 6 <= mixed[1] <= 7
+
+
+def test_draw_grid_index_rejects_bad_bounds():
+    with pytest.raises(ValueError, match="low <= high"):
+        schedules.draw_grid_index(4, 3, 2)
+    with pytest.raises(ValueError, match="low <= high"):
+        schedules.draw_grid_index(paddle.to_tensor([1, 4]), paddle.to_tensor([2, 3]), 2)
+    with pytest.raises(ValueError, match="entries for a batch"):
+        schedules.draw_grid_index(paddle.to_tensor([0, 1, 2]), 5, 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # forward process, re-noising, conversions
 # ---------------------------------------------------------------------------------------------

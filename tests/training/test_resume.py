@@ -1,7 +1,7 @@
 """Resume is exact: N updates in one run equal N/2 updates, a stop, and a resumed run of N/2 more."""
 import numpy as np
 import paddle
-from training_toys import TwoGroupToy, latent_stream, stack_dicts, tiny_pcm, toy_arrays
+from training_toys import DictStream, TwoGroupToy, latent_stream, tiny_pcm, toy_arrays
 
 from ppdiffusers_fast.training import checkpoint as ckpt
 from ppdiffusers_fast.training.optim import OptimizerSettings, optimizer_state_arrays
@@ -55,28 +55,12 @@ def test_pcm_lora_resume_is_exact(tmp_path):
     assert straight.history[-1]["loss/pcm"] == second_half.history[-1]["loss/pcm"]
 
 
-class ToyStream:
-    def __init__(self):
-        self.samples, self.position = toy_arrays(), 0
-
-    def __next__(self):
-        batch = [self.samples[(self.position + i) % len(self.samples)] for i in range(3)]
-        self.position += 3
-        return stack_dicts(batch)
-
-    def state_dict(self):
-        return {"position": self.position}
-
-    def set_state_dict(self, state):
-        self.position = state["position"]
-
-
 def _toy_trainer(output_dir, steps, resume=None):
     paddle.seed(5)
     settings = TrainerSettings(output_dir=str(output_dir), max_train_steps=steps, checkpointing_steps=3,
                                resume_from_checkpoint=resume, seed=2, report_to="none",
                                optimizer=OptimizerSettings(learning_rate=0.02, lr_scheduler="linear", total_steps=steps))
-    return Trainer(TwoGroupToy(), ToyStream(), settings)
+    return Trainer(TwoGroupToy(), DictStream(toy_arrays(), 3), settings)
 
 
 def test_two_group_resume_is_exact(tmp_path):

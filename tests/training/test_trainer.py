@@ -5,28 +5,12 @@ import math
 import numpy as np
 import paddle
 import pytest
-from training_toys import TwoGroupToy, stack_dicts, toy_arrays
+from training_toys import DictStream, TwoGroupToy, stack_dicts, toy_arrays
 
 from ppdiffusers_fast.training import checkpoint as ckpt
 from ppdiffusers_fast.training.logging import NonFiniteLossError
 from ppdiffusers_fast.training.optim import OptimizerSettings, clip_grad_norm, lr_multiplier
 from ppdiffusers_fast.training.trainer import Trainer, TrainerSettings
-
-
-class DictStream:
-    def __init__(self, samples, batch_size):
-        self.samples, self.batch_size, self.position = samples, batch_size, 0
-
-    def __next__(self):
-        batch = [self.samples[(self.position + i) % len(self.samples)] for i in range(self.batch_size)]
-        self.position += self.batch_size
-        return stack_dicts(batch)
-
-    def state_dict(self):
-        return {"position": self.position}
-
-    def set_state_dict(self, state):
-        self.position = state["position"]
 
 
 def _settings(tmp_path, steps, **kw):

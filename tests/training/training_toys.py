@@ -1,4 +1,7 @@
 """Small networks, methods and batch streams shared by the training tests (not a test module)."""
+import sys
+from pathlib import Path
+
 import numpy as np
 import paddle
 import paddle.nn as nn
@@ -6,19 +9,17 @@ import paddle.nn as nn
 from ppdiffusers_fast.methods.base import DistillationMethod, StepResult
 from ppdiffusers_fast.methods.denoiser import FluxDenoiser
 from ppdiffusers_fast.methods.pcm import PCM, PCMConfig
-from ppdiffusers_fast.models.lora import LoraConfig
-from ppdiffusers_fast.models.transformer_flux import FluxTransformer2DModel
 from ppdiffusers_fast.training.batches import InMemoryLatentDataset, LoaderStream, latent_loader
 
-TINY_FLUX = dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-                 joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8))
-TINY_LORA = LoraConfig(rank=4, alpha=4.0, target_modules=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                                                          "ff.net.2", "proj_mlp"))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/ (tiny_models), also in subprocess scripts
+import tiny_models  # noqa: E402
+
+# one single block, and no LoRA on proj_out
+TINY_LORA = tiny_models.tiny_lora([t for t in tiny_models.TINY_LORA_TARGETS if t != "proj_out"])
 
 
 def tiny_flux(seed=0, guidance_embeds=True):
-    paddle.seed(seed)
-    return FluxTransformer2DModel(guidance_embeds=guidance_embeds, **TINY_FLUX)
+    return tiny_models.tiny_flux(seed, guidance_embeds, num_single_layers=1)
 
 
 def tiny_latent_arrays(num_samples=8, latent_hw=(4, 4), text_len=6, seed=0):
@@ -92,3 +93,21 @@ def toy_arrays(num_samples=16, seed=0):
 
 def stack_dicts(samples):
     return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+class DictStream:
+    """Batches of ``batch_size`` consecutive samples (cycling), stacked; resumable by position."""
+
+    def __init__(self, samples, batch_size):
+        self.samples, self.batch_size, self.position = samples, batch_size, 0
+
+    def __next__(self):
+        batch = [self.samples[(self.position + i) % len(self.samples)] for i in range(self.batch_size)]
+        self.position += self.batch_size
+        return stack_dicts(batch)
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def set_state_dict(self, state):
+        self.position = state["position"]
