@@ -1,17 +1,25 @@
-"""Benchmark the three ways of running the FLUX transformer, on one small config and the same inputs, in one run.
+"""Benchmark the three ways of running the FLUX transformer, on small configs and the same inputs, in one run.
 
-1. Transformer alone: dygraph, ``paddle.jit.to_static`` (CINN where Paddle has it) and the Paddle Inference
-   predictor (oneDNN fusions on CPU). Prints for each the median process CPU time and wall time per call, the
-   speed-ups over dygraph and the largest output difference to dygraph. On a machine shared with other jobs the
-   CPU time is the figure to compare; wall time also depends on how many cores each path gets to use.
-2. End to end: the tiny test pipeline (``tests/fixtures/pipeline/tiny_flux``: tiny CLIP, T5 and VAE) with this
-   small transformer in place of its own, 4 steps against 50 steps, with dygraph and with the predictor.
+1. Transformer alone, per preset: dygraph, ``paddle.jit.to_static`` (CINN where Paddle has it) and the Paddle
+   Inference predictor (``inference/compile.py``: broadcast operands expanded, buffers kept between calls,
+   Paddle's own CPU kernels). Prints for each the median process CPU time and wall time per call, the speed-ups
+   over dygraph and the largest output difference to dygraph. On a machine shared with other jobs the CPU time
+   is the figure to compare; wall time also counts the time other processes hold the cores. Every path runs
+   with the same number of math threads; the paths take turns in interleaved rounds, each round after its own
+   warm-up calls, so that a burst of load hits all of them.
+2. ``--ablation`` adds predictor rows with one optimisation undone (and the earlier configuration with none).
+3. ``--breakdown`` profiles dygraph and predictor calls (operator time shares); the predictor's matrix-product
+   time bounds any speed-up that leaves the matrix products as they are (both paths call the same sgemm).
+4. End to end (presets whose text dims fit ``tests/fixtures/pipeline/tiny_flux``): the tiny test pipeline with
+   the benchmark transformer in place of its own, 4 steps against 50 steps, dygraph and predictor.
 
-    OMP_NUM_THREADS=1 python scripts/benchmark_inference.py            # defaults: 256x256, 1 thread
-    python scripts/benchmark_inference.py --threads 8 --height 512 --width 512
+Presets (all randomly initialised; speed does not depend on the values):
+    issue           1 double + 2 single blocks, 4 heads x 64 (4.85 M parameters), 256 image + 64 text tokens
+    issue_moderate  the same model, 64 image + 32 text tokens
+    demo            the shipped demo size: 2 + 2 blocks, 4 heads x 16 (0.47 M), 16 image + 8 text tokens, batch 16
 
-The transformer is randomly initialised (speed does not depend on the values). Default config: 1 double block,
-2 single blocks, 4 heads x 64 (about 4.7 M parameters), 256 image tokens and 64 text tokens.
+    OMP_NUM_THREADS=1 python scripts/benchmark_inference.py                   # every preset, 1 thread
+    python scripts/benchmark_inference.py --preset issue --ablation --breakdown --skip_pipeline
 """
 import argparse
 import os
@@ -22,28 +30,40 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+PRESETS = {
+    "issue": dict(num_layers=1, num_single_layers=2, heads=4, head_dim=64, joint_dim=32, pooled_dim=32,
+                  guidance=True, grid=(16, 16), text_tokens=64, batch=1),
+    "issue_moderate": dict(num_layers=1, num_single_layers=2, heads=4, head_dim=64, joint_dim=32, pooled_dim=32,
+                           guidance=True, grid=(8, 8), text_tokens=32, batch=1),
+    "demo": dict(num_layers=2, num_single_layers=2, heads=4, head_dim=16, joint_dim=64, pooled_dim=64,
+                 guidance=False, grid=(4, 4), text_tokens=8, batch=16),
+}
+# Predictor variants of --ablation: build_predictor keyword arguments.
+ABLATION = {
+    "pred:no-expand": dict(expand_broadcasts=False),
+    "pred:no-keep": dict(keep_buffers_limit_mb=0),
+    "pred:onednn": dict(onednn=True),
+    "pred:earlier": dict(expand_broadcasts=False, keep_buffers_limit_mb=0, onednn=True),
+}
+
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for every path (default 1)")
-    p.add_argument("--height", type=int, default=256)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--text_tokens", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--num_layers", type=int, default=1)
-    p.add_argument("--num_single_layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--head_dim", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--preset", choices=[*PRESETS, "all"], default="all")
+    p.add_argument("--threads", type=int, default=1, help="CPU math threads for every path (default 1)")
+    p.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls before each timed round")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per round")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the three paths")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds over the paths")
+    p.add_argument("--ablation", action="store_true", help="also time predictors with one optimisation undone")
+    p.add_argument("--breakdown", action="store_true", help="profile dygraph: matmul share and speed-up bound")
     p.add_argument("--pipeline_folder", default=str(REPO / "tests" / "fixtures" / "pipeline" / "tiny_flux"))
     p.add_argument("--skip_pipeline", action="store_true", help="only the transformer benchmark")
     return p.parse_args()
 
 
 def time_ms(fn, warmup, repeats):
-    """``(median process CPU ms, median wall ms)`` per call after ``warmup`` calls.
+    """``(list of process CPU ms, list of wall ms)`` of ``repeats`` calls after ``warmup`` calls.
 
     CPU time (all threads of this process) is the robust figure on a shared machine, where wall time also
     counts the time other processes hold the cores; on a GPU only wall time is meaningful.
@@ -61,75 +81,146 @@ def time_ms(fn, warmup, repeats):
             paddle.device.synchronize()
         cpu.append(1000 * (time.process_time() - start_cpu))
         wall.append(1000 * (time.perf_counter() - start_wall))
-    return statistics.median(cpu), statistics.median(wall)
+    return cpu, wall
 
 
-def small_transformer(args):
+def small_transformer(preset):
     from ppdiffusers_fast.models.transformer_flux import FluxTransformer2DModel
 
-    head_dim = args.head_dim
+    head_dim = preset["head_dim"]
     rope = [head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8]
+    rope = [d - d % 2 for d in rope]
     rope[0] += head_dim - sum(rope)
-    model = FluxTransformer2DModel(in_channels=64, num_layers=args.num_layers, num_single_layers=args.num_single_layers,
-                                   attention_head_dim=head_dim, num_attention_heads=args.heads, joint_attention_dim=32,
-                                   pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=rope)
+    model = FluxTransformer2DModel(in_channels=64, num_layers=preset["num_layers"],
+                                   num_single_layers=preset["num_single_layers"], attention_head_dim=head_dim,
+                                   num_attention_heads=preset["heads"], joint_attention_dim=preset["joint_dim"],
+                                   pooled_projection_dim=preset["pooled_dim"], guidance_embeds=preset["guidance"],
+                                   axes_dims_rope=rope)
     model.eval()
     return model
 
 
-def transformer_benchmark(args, model):
+def transformer_inputs(preset):
+    import paddle
+
+    from ppdiffusers_fast.pipelines.latents import latent_image_ids, text_ids
+
+    (rows, cols), b, t = preset["grid"], preset["batch"], preset["text_tokens"]
+    return [paddle.randn([b, rows * cols, 64]), paddle.randn([b, t, preset["joint_dim"]]),
+            paddle.randn([b, preset["pooled_dim"]]), paddle.full([b], 0.7), latent_image_ids(2 * rows, 2 * cols),
+            text_ids(t), paddle.full([b], 3.5) if preset["guidance"] else None]
+
+
+def transformer_benchmark(args, name, preset, model):
     import numpy as np
     import paddle
 
     from ppdiffusers_fast.inference.compile import build_predictor, compile_transformer
-    from ppdiffusers_fast.pipelines.latents import latent_image_ids, text_ids
 
-    rows, cols = args.height // 16, args.width // 16
-    b = args.batch
-    inputs = [paddle.randn([b, rows * cols, 64]), paddle.randn([b, args.text_tokens, 32]), paddle.randn([b, 32]),
-              paddle.full([b], 0.7), latent_image_ids(2 * rows, 2 * cols), text_ids(args.text_tokens),
-              paddle.full([b], 3.5)]
+    inputs = transformer_inputs(preset)
     runners = {"dygraph": model, "to_static": compile_transformer(model, use_cinn=True),
                "predictor": build_predictor(model, threads=args.threads)}
-    results = {}
+    if args.ablation:
+        runners.update({label: build_predictor(model, threads=args.threads, **kwargs)
+                        for label, kwargs in ABLATION.items()})
     with paddle.no_grad():
         reference = model(*inputs).sample.numpy()
-        outputs = {name: run(*inputs).sample.numpy() for name, run in runners.items()}
-        timings = {name: [] for name in runners}
+        diffs = {label: float(np.abs(run(*inputs).sample.numpy() - reference).max()) for label, run in runners.items()}
+        cpu = {label: [] for label in runners}
+        wall = {label: [] for label in runners}
         for _ in range(args.rounds):  # interleaved rounds, so that a burst of machine load hits every path
-            for name, run in runners.items():
-                timings[name].append(time_ms(lambda: run(*inputs), args.warmup, args.repeats))
-    for name in runners:
-        cpu = statistics.median(t[0] for t in timings[name])
-        wall = statistics.median(t[1] for t in timings[name])
-        results[name] = (cpu, wall, float(np.abs(outputs[name] - reference).max()))
-    print(f"\nTransformer: {model.num_parameters_total() / 1e6:.2f} M parameters, batch {b}, {rows * cols} image "
-          f"tokens + {args.text_tokens} text tokens, {args.threads} thread(s), medians of {args.rounds} x "
-          f"{args.repeats} calls")
+            for label, run in runners.items():
+                round_cpu, round_wall = time_ms(lambda: run(*inputs), args.warmup, args.repeats)
+                cpu[label] += round_cpu
+                wall[label] += round_wall
+    (rows, cols), b = preset["grid"], preset["batch"]
+    print(f"\n[{name}] transformer {model.num_parameters_total() / 1e6:.2f} M parameters ({preset['num_layers']} double"
+          f" + {preset['num_single_layers']} single blocks, inner dim {preset['heads'] * preset['head_dim']}), batch "
+          f"{b}, {rows * cols} image + {preset['text_tokens']} text tokens, {args.threads} thread(s); medians of "
+          f"{args.rounds} x {args.repeats} calls")
+    results = {label: (statistics.median(cpu[label]), statistics.median(wall[label]), diffs[label])
+               for label in runners}
     base_cpu, base_wall = results["dygraph"][:2]
-    for name, (cpu, wall, diff) in results.items():
-        print(f"  {name:10s} CPU {cpu:8.2f} ms ({base_cpu / cpu:4.2f}x vs dygraph)   wall {wall:8.2f} ms "
-              f"({base_wall / wall:4.2f}x)   max |out - dygraph| {diff:.2e}")
-    return results, runners
+    for label, (c, w, diff) in results.items():
+        print(f"  {label:15s} CPU {c:8.2f} ms ({base_cpu / c:4.2f}x vs dygraph)   wall {w:8.2f} ms "
+              f"({base_wall / w:4.2f}x)   max |out - dygraph| {diff:.2e}")
+    return results, runners, inputs
 
 
-def pipeline_benchmark(args, model, predictor):
+def operator_shares(fn, calls=10):
+    """Profile ``calls`` calls of ``fn`` (paddle.profiler, which also records the predictor's operators).
+
+    Returns:
+        ``{operator name: share of all operator time}`` over the outermost operator events of every thread.
+        Shares are robust to machine load (every operator is slowed alike); absolute times are not.
+    """
+    import paddle
+    import paddle.profiler as profiler
+    from paddle.profiler.profiler_statistic import TracerEventType
+
+    with paddle.no_grad():
+        for _ in range(3):
+            fn()
+        prof = profiler.Profiler(targets=[profiler.ProfilerTarget.CPU], on_trace_ready=lambda _: None)  # no trace files
+        prof.start()
+        for _ in range(calls):
+            fn()
+            prof.step()
+        prof.stop()
+    per_op = {}
+    for tree in prof.profiler_result.get_data().values():
+        stack = list(tree.children_node)
+        while stack:
+            node = stack.pop()
+            if node.type == TracerEventType.Operator:
+                per_op[node.name] = per_op.get(node.name, 0) + (node.end_ns - node.start_ns)
+            else:
+                stack.extend(node.children_node)
+    total = sum(per_op.values())
+    return {op: t / total for op, t in sorted(per_op.items(), key=lambda kv: -kv[1])}
+
+
+def is_matrix_product(op_name: str) -> bool:
+    return "matmul" in op_name or op_name.endswith(".fc")
+
+
+def print_breakdown(results, runners, inputs):
+    """Where the time goes, and the speed-up bound it implies: the predictor's matrix products use the same
+    sgemm as dygraph, so dygraph time / (predictor matmul time) bounds what removing every other cost can give."""
+    base_cpu = results["dygraph"][0]
+    for label in ("dygraph", "predictor"):
+        run = runners[label]
+        shares = operator_shares(lambda: run(*inputs))
+        matmul = sum(share for op, share in shares.items() if is_matrix_product(op))
+        top = ", ".join(f"{op} {100 * share:.0f}%" for op, share in list(shares.items())[:6])
+        print(f"  {label} operator time: matrix products {100 * matmul:.0f}%; top: {top}")
+        if label == "predictor":
+            matmul_ms = matmul * results["predictor"][0]
+            print(f"  -> the predictor's matrix products take about {matmul_ms:.1f} ms of its "
+                  f"{results['predictor'][0]:.1f} ms CPU time: with every other operator free it would be at most "
+                  f"{base_cpu / matmul_ms:.2f}x faster than dygraph")
+
+
+def pipeline_benchmark(args, model, predictor, preset):
     from ppdiffusers_fast.pipelines.pipeline_flux import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(args.pipeline_folder)
     pipe.transformer = model
     pipe.set_progress_bar_config(disable=True)
-    print(f"\nEnd to end ({args.pipeline_folder} with the transformer above, {args.height}x{args.width}, "
-          f"{args.text_tokens} T5 tokens, includes text encoding and VAE decoding)")
-    for name, runner in (("dygraph", None), ("predictor", predictor)):
+    (rows, cols), t = preset["grid"], preset["text_tokens"]
+    height, width = 16 * rows, 16 * cols
+    print(f"\nEnd to end ({args.pipeline_folder} with the transformer above, {height}x{width}, {t} T5 tokens, "
+          f"includes text encoding and VAE decoding)")
+    for label, runner in (("dygraph", None), ("predictor", predictor)):
         pipe.set_transformer_runner(runner)
         times = {}
         for steps in (4, 50):
             def call():
-                pipe("a photo of a cat", height=args.height, width=args.width, num_inference_steps=steps, seed=0,
-                     max_sequence_length=args.text_tokens, output_type="np")
-            times[steps] = time_ms(call, 1, 3)
-        print(f"  {name:10s} 4 steps CPU {times[4][0]:8.1f} ms (wall {times[4][1]:8.1f})   50 steps CPU "
+                pipe("a photo of a cat", height=height, width=width, num_inference_steps=steps, seed=0,
+                     max_sequence_length=t, output_type="np")
+            cpu, wall = time_ms(call, 1, 3)
+            times[steps] = (statistics.median(cpu), statistics.median(wall))
+        print(f"  {label:10s} 4 steps CPU {times[4][0]:8.1f} ms (wall {times[4][1]:8.1f})   50 steps CPU "
               f"{times[50][0]:8.1f} ms (wall {times[50][1]:8.1f})   50-step / 4-step CPU time "
               f"{times[50][0] / times[4][0]:5.2f}x")
 
@@ -143,12 +234,28 @@ def main():
 
     import ppdiffusers_fast  # noqa: F401  (compatibility patches)
 
-    paddle.seed(0)
+    paddle.base.core.set_num_threads(args.threads)  # dygraph's math library, as the predictor's
     print(f"Paddle {paddle.__version__}, device {paddle.get_device()}, CINN compiled: {paddle.is_compiled_with_cinn()}")
-    model = small_transformer(args)
-    _, runners = transformer_benchmark(args, model)
-    if not args.skip_pipeline:
-        pipeline_benchmark(args, model, runners["predictor"])
+    names = list(PRESETS) if args.preset == "all" else [args.preset]
+    summary = []
+    for name in names:
+        preset = dict(PRESETS[name])
+        if args.batch:
+            preset["batch"] = args.batch
+        paddle.seed(0)
+        model = small_transformer(preset)
+        results, runners, inputs = transformer_benchmark(args, name, preset, model)
+        summary.append((name, results))
+        if args.breakdown:
+            print_breakdown(results, runners, inputs)
+        fits_pipeline = preset["joint_dim"] == 32 and preset["pooled_dim"] == 32 and preset["guidance"]
+        if not args.skip_pipeline and fits_pipeline:
+            pipeline_benchmark(args, model, runners["predictor"], preset)
+    print("\nSummary (CPU time, dygraph / path):")
+    for name, results in summary:
+        base = results["dygraph"][0]
+        print(f"  {name:15s} " + "   ".join(f"{label} {base / cpu:4.2f}x" for label, (cpu, _, _) in results.items()
+                                             if label != "dygraph"))
 
 
 if __name__ == "__main__":

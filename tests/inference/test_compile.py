@@ -3,7 +3,8 @@ import numpy as np
 import paddle
 import pytest
 
-from ppdiffusers_fast.inference.compile import build_predictor, compile_transformer, transformer_input_spec
+from ppdiffusers_fast.inference.compile import (build_predictor, compile_transformer, kept_buffer_bytes,
+                                                transformer_input_spec)
 from ppdiffusers_fast.models.lora import LoraConfig, inject_lora, merge_adapter, set_live_adapters
 from ppdiffusers_fast.models.transformer_flux import FluxTransformer2DModel
 from ppdiffusers_fast.pipelines.latents import latent_image_ids, text_ids
@@ -86,3 +87,55 @@ def test_live_lora_must_be_merged_first():
     args = inputs(1, 2, 2, 4)
     with paddle.no_grad():
         assert np.abs(compiled(**args).sample.numpy() - model(**args).sample.numpy()).max() <= 1e-4
+
+
+def test_predictor_output_survives_a_later_call_with_the_same_shapes(model, predictor):
+    """True CFG calls the transformer twice per step with equal shapes: the first velocity must stay intact."""
+    first_args, second_args = inputs(2, 2, 3, 4), inputs(2, 2, 3, 4)
+    with paddle.no_grad():
+        first = predictor(**first_args).sample
+        kept = first.numpy().copy()
+        second = predictor(**second_args).sample
+        np.testing.assert_array_equal(first.numpy(), kept)
+        assert np.abs(second.numpy() - model(**second_args).sample.numpy()).max() <= 1e-4
+        assert np.abs(second.numpy() - kept).max() > 1e-3  # different inputs, different outputs
+
+
+def test_saved_graph_has_no_broadcasting_elementwise_op_left(predictor):
+    """Every +, -, *, / whose operands differ in shape while one has the output's shape reads an expand_as."""
+    assert predictor.expanded_operands > 0
+    paddle.enable_static()
+    try:
+        program = paddle.static.Program()
+        paddle.base.core.deserialize_pir_program(str(predictor.save_dir / "transformer.json"), program)
+        ops = program.global_block().ops
+        assert sum(op.name() == "pd_op.expand_as" for op in ops) == predictor.expanded_operands
+        for op in ops:
+            if op.name() in ("pd_op.multiply", "pd_op.add", "pd_op.subtract", "pd_op.divide"):
+                a, b, out = (list(v.shape) for v in (op.operand_source(0), op.operand_source(1), op.result(0)))
+                assert a == b or (a != out and b != out), (op.name(), a, b, out)
+    finally:
+        paddle.disable_static()
+
+
+def test_kept_buffer_estimate_by_hand():
+    cfg = tiny_transformer().config  # 1 + 2 blocks, 2 heads x 16: inner dim 32
+    batch, tokens = 2, 12 + 4
+    per_block = 100 * batch * tokens * 32 + 4 * batch * 2 * tokens * tokens
+    assert kept_buffer_bytes(cfg, batch, 12, 4) == 4 * 3 * per_block
+
+
+def test_buffer_keeping_is_decided_at_the_first_call_and_restores_the_flag(model, tmp_path):
+    flag = "FLAGS_eager_delete_tensor_gb"
+    before = paddle.get_flags([flag])[flag]
+    kept = build_predictor(model, tmp_path / "kept")
+    freed = build_predictor(model, tmp_path / "freed", keep_buffers_limit_mb=0)
+    with paddle.no_grad():
+        for shape in [(1, 1, 2, 3), (3, 3, 4, 9), (2, 2, 2, 5)]:  # buffers grow, then shrink again
+            args = inputs(*shape)
+            expected = model(**args).sample.numpy()
+            for compiled in (kept, freed):
+                assert np.abs(compiled(**args).sample.numpy() - expected).max() <= 1e-4
+    assert kept._run.keeps_buffers is True and freed._run.keeps_buffers is False
+    assert paddle.get_flags([flag])[flag] == before
+    assert not kept.onednn and kept.expanded_operands == freed.expanded_operands
