@@ -6,6 +6,7 @@ Paddle Inference predictor), writes one PNG per image and, with ``--benchmark``,
 and per transformer call after warm-up runs.
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -29,15 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--prompt_file", default=None, help="text file with one prompt per line (blank lines skipped)")
     p.add_argument("--negative_prompt", default=None, help="negative prompt (used when --true_cfg_scale > 1)")
-    p.add_argument("--true_cfg_scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--height", type=int, default=1024, help="image height, a multiple of 16")
-    p.add_argument("--width", type=int, default=1024, help="image width, a multiple of 16")
+    p.add_argument("--true_cfg_scale", type=float, default=None,
+                   help="classifier-free guidance scale (default 1 = off; the demo teacher without a LoRA: its own)")
+    p.add_argument("--height", type=int, default=None, help="image height, a multiple of 16 (default 1024)")
+    p.add_argument("--width", type=int, default=None, help="image width, a multiple of 16 (default 1024)")
     p.add_argument("--step", type=int, default=4, help="sampling steps (the LoRA's phase edges when they match)")
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="embedded guidance (default: the LoRA's, else 3.5)")
     p.add_argument("--seed", type=int, default=42, help="seed of the first image; image i uses seed + i")
     p.add_argument("--num_images", type=int, default=1, help="images per prompt")
-    p.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens (FLUX.1-dev: 512)")
+    p.add_argument("--max_sequence_length", type=int, default=None, help="T5 tokens (default 512, FLUX.1-dev)")
     p.add_argument("--output_dir", default="outputs/flux_lightning", help="where the PNG files go")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="weights and compute dtype (default: bfloat16 on GPU, float32 on CPU)")
@@ -91,6 +93,28 @@ def resolve_model_paths(args) -> None:
         args.pretrained_model_name_or_path = str(DEMO_MODEL)
         if args.path_to_lora is None and DEMO_LORA.is_file():
             args.path_to_lora = str(DEMO_LORA)
+    apply_model_defaults(args)
+
+
+def apply_model_defaults(args) -> None:
+    """Fill unset sampling flags: from the folder's ``demo_config.json`` (the bundled demo model) or FLUX.1-dev's.
+
+    The demo teacher has no guidance embedding and samples with true CFG against the empty prompt; a student LoRA
+    distilled from it has the guidance built in, so CFG stays off when a LoRA is given.
+    """
+    defaults = {"height": 1024, "width": 1024, "max_sequence_length": 512, "true_cfg_scale": 1.0, "prompt": None}
+    config_file = Path(args.pretrained_model_name_or_path) / "demo_config.json"
+    if config_file.is_file():
+        demo = json.loads(config_file.read_text())
+        defaults.update(height=demo["height"], width=demo["width"], max_sequence_length=demo["max_sequence_length"],
+                        prompt=demo["prompts"][7])
+        if not args.path_to_lora and demo.get("guidance") == "true_cfg":
+            defaults["true_cfg_scale"] = float(demo["guidance_scale"])
+            if args.negative_prompt is None:
+                args.negative_prompt = demo.get("negative_prompt", "")
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def read_prompts(args) -> List[str]:
@@ -158,11 +182,11 @@ def run_benchmark(pipe, args, prompts: List[str]) -> dict:
 
 def main(argv: Optional[List[str]] = None) -> List[Path]:
     args = build_parser().parse_args(argv)
+    resolve_model_paths(args)  # also fills unset sizes from the model folder
     for name in ("height", "width"):
         if getattr(args, name) <= 0 or getattr(args, name) % 16:
             sys.exit(f"error: --{name} {getattr(args, name)} is not a positive multiple of 16 "
                      "(FLUX packs 2x2 latent pixels of an 8x downsampling VAE)")
-    resolve_model_paths(args)
     prompts = read_prompts(args)
     pipe = build_pipeline(args)
     if args.benchmark:
