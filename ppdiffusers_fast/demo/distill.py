@@ -1,0 +1,201 @@
+"""Distil the demo teacher into a 4-step LoRA student through the real training entry point.
+
+Two stages:
+
+1. :func:`build_latent_cache`: the teacher's training digits (``data.load_split``, the split of the folder's
+   ``demo_config.json``) encoded with the folder's VAE, and their prompts with the folder's CLIP and T5 encoders,
+   written as one precomputed-latent safetensors file (the layout ``training.batches.load_latent_file`` reads)::
+
+       latents                      [N, 16, h, w]   posterior means, (z - shift_factor) * scaling_factor
+       prompt_embeds                [N, T, D]       T5 states of "a handwritten digit <label>"
+       pooled_prompt_embeds         [N, P]          CLIP pooled output
+       uncond_prompt_embeds         [1, T, D]       the empty prompt (the teacher's CFG negative)
+       uncond_pooled_prompt_embeds  [1, P]
+
+2. :func:`distill`: the command line of ``examples/flux_lightning/train_flux_lightning_lora.py``
+   (:func:`training_argv`: the reference recipe's flags scaled to the demo) parsed by ``training.config`` and run
+   by ``training.launch.run_training``: checkpoints every ``checkpointing_steps``, ``--resume_from_checkpoint
+   latest``, and the exported LoRA carries its sampling settings.
+
+The recipe (:class:`DemoRecipe`) keeps the reference's structure (Huber consistency loss, K = 4 phases, the
+teacher's guidance in the solver, adversarial heads on every block, DMD with the student as fake score,
+reflow) with the sizes and rates of a 0.5M-parameter model trained for minutes: rank 16, learning rate 3e-3
+(cosine decay) instead of 5e-6, N = 16 grid steps (4 per phase) instead of 100, batch 32, 1200 steps.
+"""
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import numpy as np
+
+from ..models.safetensors_io import save_file
+from .config import DEMO_MODEL_DIR, DemoSplit
+from .teacher import DemoTeacher, read_demo_config
+
+__all__ = ["DemoRecipe", "METHOD_RECIPES", "recipe_for", "build_latent_cache", "training_argv", "distill",
+           "lora_file_name", "CACHE_NAME"]
+
+CACHE_NAME = "latents.safetensors"
+LORA_FILES = {"pcm": "pcm_lora.safetensors", "flux_lightning": "flux_lightning_lora.safetensors",
+              "dmd2": "dmd2_lora.safetensors"}
+
+
+@dataclass
+class DemoRecipe:
+    """Training flags of one demo distillation run (names as the training entry point's flags)."""
+
+    method: str = "flux_lightning"
+    max_train_steps: int = 1200
+    train_batch_size: int = 32
+    learning_rate: float = 3e-3
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 20
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    num_euler_timesteps: int = 16
+    multiphase: int = 4
+    loss_type: str = "huber"
+    huber_c: float = 0.001
+    adam_weight_decay: float = 1e-3
+    checkpointing_steps: int = 300
+    checkpoints_total_limit: int = 2
+    # flux_lightning parts (None: the flag is not passed, so the entry point's default applies)
+    adv_weight: Optional[float] = 0.1
+    adv_lr: Optional[float] = 1e-4
+    adv_head_channels: Optional[int] = 32
+    use_dmd_loss: Optional[bool] = True
+    dmd_weight: Optional[float] = 0.01
+    apply_reflow_loss: Optional[bool] = True
+    reflow_loss_weight: Optional[float] = 0.01
+    # dmd2 / adapter fake score
+    dmd_fake_score: Optional[str] = None
+    dmd_fake_score_updates: Optional[int] = None
+    dmd2_gan_weight: Optional[float] = None
+    extra_flags: List[str] = field(default_factory=list)
+
+    def flags(self) -> List[str]:
+        """The recipe as command-line flags (booleans as ``--name`` / ``--no_name``)."""
+        out = []
+        for name, value in asdict(self).items():
+            if name in ("method", "extra_flags") or value is None:
+                continue
+            if isinstance(value, bool):
+                out.append(f"--{name}" if value else f"--no_{name}")
+            else:
+                out += [f"--{name}", str(value)]
+        return out + list(self.extra_flags)
+
+
+_PCM_ONLY = dict(adv_weight=None, adv_lr=None, adv_head_channels=None, use_dmd_loss=None, dmd_weight=None,
+                 apply_reflow_loss=None, reflow_loss_weight=None)
+
+# The ablation's rows: one recipe per method variant, all with the same data, seeds and step budget.
+METHOD_RECIPES: Dict[str, DemoRecipe] = {
+    "flux_lightning": DemoRecipe(),
+    "pcm": DemoRecipe(method="pcm", **_PCM_ONLY),
+    "pcm_adv": DemoRecipe(use_dmd_loss=False, apply_reflow_loss=False, dmd_weight=None, reflow_loss_weight=None),
+    "pcm_adv_dmd": DemoRecipe(apply_reflow_loss=False, reflow_loss_weight=None),
+    "dmd2": DemoRecipe(method="dmd2", adv_weight=None, use_dmd_loss=None, dmd_weight=None, apply_reflow_loss=None,
+                       reflow_loss_weight=None, dmd_fake_score="adapter", dmd_fake_score_updates=2,
+                       dmd2_gan_weight=5e-3),
+}
+
+
+def recipe_for(name: str, **overrides) -> DemoRecipe:
+    """The recipe of ablation row ``name`` (a key of ``METHOD_RECIPES``) with fields replaced."""
+    if name not in METHOD_RECIPES:
+        raise ValueError(f"unknown demo recipe {name!r}; choose one of {sorted(METHOD_RECIPES)}")
+    return replace(METHOD_RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def lora_file_name(method: str) -> str:
+    return LORA_FILES[method]
+
+
+def build_latent_cache(path: Union[str, Path], teacher: Optional[DemoTeacher] = None,
+                       folder: Union[str, Path] = DEMO_MODEL_DIR, max_images: Optional[int] = None) -> Path:
+    """Encode the teacher's training digits and prompts into the precomputed-latent file ``path``.
+
+    Args:
+        teacher: an already loaded :class:`DemoTeacher` (else loaded from ``folder``).
+        max_images: keep only the first ``max_images`` digits (tests).
+    Returns the written file.
+    """
+    from .data import load_split
+    from .vae_training import encode_posterior
+
+    folder = Path(folder)
+    demo = read_demo_config(folder)
+    teacher = teacher or DemoTeacher.from_folder(folder)
+    split_fields = {k: v for k, v in demo.get("split", {}).items() if k in DemoSplit.__dataclass_fields__}
+    digits = load_split(demo["resolution"], DemoSplit(**split_fields))["teacher_train"]
+    if max_images is not None:
+        digits = digits.subset(np.arange(min(max_images, len(digits))))
+    means, _ = encode_posterior(teacher.vae, digits.images)
+    config = teacher.vae.config
+    latents = ((means - config.shift_factor) * config.scaling_factor).astype(np.float32)
+    sequence = teacher.prompts.sequence.numpy().astype(np.float32)  # [11, T, D]: digits 0-9, then ""
+    pooled = teacher.prompts.pooled.numpy().astype(np.float32)
+    labels = digits.labels
+    tensors = {
+        "latents": (latents, "F32"),
+        "prompt_embeds": (sequence[labels], "F32"),
+        "pooled_prompt_embeds": (pooled[labels], "F32"),
+        "uncond_prompt_embeds": (sequence[-1:], "F32"),
+        "uncond_pooled_prompt_embeds": (pooled[-1:], "F32"),
+        "labels": (labels.astype(np.int64), "I64"),
+    }
+    path = Path(path)
+    save_file(tensors, path, metadata={"source": str(folder), "images": str(len(labels))})
+    return path
+
+
+def training_argv(recipe: DemoRecipe, output_dir: Union[str, Path], data_path: Union[str, Path],
+                  folder: Union[str, Path] = DEMO_MODEL_DIR, seed: int = 0) -> List[str]:
+    """The full command line of the training entry point for ``recipe`` on the demo folder."""
+    demo = read_demo_config(folder)
+    return [
+        "--method", recipe.method, "--pretrained_teacher_model", str(folder), "--data_path", str(data_path),
+        "--output_dir", str(output_dir), "--teacher_guidance", "cfg" if demo["guidance"] == "true_cfg" else "auto",
+        "--guidance_scale", str(demo["guidance_scale"]), "--resolution", str(demo["resolution"]),
+        "--max_sequence_length", str(demo["max_sequence_length"]), "--mixed_precision", "no",
+        "--no_gradient_checkpointing", "--dataloader_num_workers", "0", "--validation_steps", "0",
+        "--report_to", "none", "--resume_from_checkpoint", "latest", "--seed", str(seed),
+    ] + recipe.flags()
+
+
+def distill(recipe: DemoRecipe, output_dir: Union[str, Path], folder: Union[str, Path] = DEMO_MODEL_DIR,
+            seed: int = 0, data_path: Optional[Union[str, Path]] = None, teacher: Optional[DemoTeacher] = None,
+            max_images: Optional[int] = None, log=print) -> Path:
+    """Train ``recipe`` with the training entry point; returns the exported student LoRA file.
+
+    The latent cache is built once in ``output_dir/latents.safetensors`` (kept, so a resumed run reuses it).
+    Re-running with the same ``output_dir`` resumes from the newest checkpoint there.
+    """
+    from ..training.config import config_from_args
+    from ..training.launch import run_training
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if data_path is None:
+        data_path = output_dir / CACHE_NAME
+        if not data_path.is_file():
+            log(f"encoding the teacher's training digits into {data_path}")
+            build_latent_cache(data_path, teacher, folder, max_images)
+    argv = training_argv(recipe, output_dir, data_path, folder, seed)
+    log("training: python examples/flux_lightning/train_flux_lightning_lora.py " + " ".join(argv))
+    result = run_training(config_from_args(argv))
+    lora = output_dir / lora_file_name(recipe.method)
+    if not lora.is_file():
+        raise FileNotFoundError(f"training finished at step {result.step} but wrote no LoRA at {lora}")
+    return lora
+
+
+def copy_lora(source: Union[str, Path], target: Union[str, Path]) -> Path:
+    """Copy a LoRA file atomically (temporary name in the target folder, then rename)."""
+    target = Path(target)
+    temp = target.with_name(target.name + ".tmp")
+    shutil.copyfile(source, temp)
+    temp.replace(target)
+    return target

@@ -1,0 +1,150 @@
+"""Generate, measure and report the demo: teacher and students on the same prompts and seeds.
+
+Every row of the table is a set of images ``[N, 3, R, R]`` for the labels ``0,0,..,9,9`` (``images_per_digit``
+each) from the seeds ``first_seed + i`` (the noise ``FluxPipeline(seed=...)`` draws), judged by the folder's
+digit classifier (``metrics.py``):
+
+    FID vs teacher-50   Frechet distance of the classifier's 64-d penultimate features, row vs the teacher's
+                        50-step images of the same seeds (the demo's FID-FLUX)
+    adherence           share of images classified as the prompt's digit (the demo's CLIP score)
+    s / image           wall time of sampling and decoding divided by the number of images
+
+Samplers: the teacher takes FLUX's ``n``-step Euler levels with true CFG (two passes per step); a student takes
+the K Euler jumps between the phase edges its LoRA metadata names (``schedules.phase_sigmas``), conditional
+only (one pass per step), exactly as ``FluxPipeline`` samples with the LoRA loaded.
+"""
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import paddle
+from tqdm.auto import tqdm
+
+from .. import schedules
+from ..models.lora import set_adapter_scale, use_adapters
+from ..models.lora_io import load_lora
+from ..schedulers.samplers import sample_euler
+from .metrics import adherence, eval_labels_and_seeds, feature_fid, save_digit_grid
+from .teacher import DemoTeacher, euler_sigmas
+
+__all__ = ["EvalSet", "ImageSet", "teacher_images", "student_images", "measure", "markdown_table",
+           "write_results", "save_comparison_grid"]
+
+
+@dataclass
+class EvalSet:
+    """Labels and seeds of the evaluation images (``images_per_digit`` per digit, seeds from ``first_seed``)."""
+
+    images_per_digit: int = 30
+    first_seed: int = 1000
+    batch_size: int = 100
+
+    @property
+    def labels_and_seeds(self):
+        return eval_labels_and_seeds(self.images_per_digit, self.first_seed)
+
+    def with_seeds(self, first_seed: int) -> "EvalSet":
+        return EvalSet(self.images_per_digit, first_seed, self.batch_size)
+
+
+@dataclass
+class ImageSet:
+    """One row: images ``[N, 3, R, R]`` in [-1, 1] of ``labels`` with their sampler and timing."""
+
+    name: str
+    steps: int
+    images: np.ndarray
+    labels: List[int]
+    seconds_per_image: float
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _sample_in_batches(sample_fn, labels, seeds, batch_size: int, desc: str):
+    out = []
+    started = time.perf_counter()
+    for start in tqdm(range(0, len(labels), batch_size), desc=desc, dynamic_ncols=True, leave=False):
+        out.append(sample_fn(labels[start:start + batch_size], seeds[start:start + batch_size]))
+    seconds = time.perf_counter() - started
+    return np.concatenate(out), seconds / len(labels)
+
+
+def teacher_images(teacher: DemoTeacher, eval_set: EvalSet, steps: int, name: Optional[str] = None,
+                   note: str = "") -> ImageSet:
+    """The teacher with ``steps`` Euler steps (FLUX's levels) and its true CFG."""
+    labels, seeds = eval_set.labels_and_seeds
+    images, per_image = _sample_in_batches(lambda lab, sd: teacher.decode(teacher.sample_latents(lab, sd, steps)),
+                                           labels, seeds, eval_set.batch_size, f"teacher {steps} steps")
+    return ImageSet(name or f"teacher, {steps} Euler steps", steps, images, labels, per_image, note)
+
+
+def student_images(teacher: DemoTeacher, lora_path, eval_set: EvalSet, adapter_name: str, name: str,
+                   note: str = "") -> ImageSet:
+    """A student LoRA on the teacher's base, sampled with the steps and levels of its metadata."""
+    metadata = load_lora(teacher.transformer, lora_path, adapter_name)
+    sampling = metadata.get("sampling") or {}
+    missing = [k for k in ("multiphase", "num_euler_timesteps") if k not in sampling]
+    if missing:
+        raise ValueError(f"{lora_path}: the LoRA's sampling metadata lacks {missing}")
+    set_adapter_scale(teacher.transformer, adapter_name, float(sampling.get("lora_scale", 1.0)))
+    sigmas = schedules.phase_sigmas(int(sampling["multiphase"]), int(sampling["num_euler_timesteps"]),
+                                    schedules.resolution_mu(teacher.image_tokens))
+    labels, seeds = eval_set.labels_and_seeds
+
+    def sample(lab, sd):
+        sequence, pooled = teacher.prompts.take(np.asarray(lab))
+
+        def velocity(x, s):
+            with use_adapters(teacher.transformer, adapter_name):
+                return teacher.transformer(x, sequence, pooled, s, teacher.img_ids, teacher.txt_ids, None,
+                                           return_dict=False)[0]
+        with paddle.no_grad():
+            return teacher.decode(sample_euler(velocity, teacher.initial_noise(sd), sigmas))
+
+    images, per_image = _sample_in_batches(sample, labels, seeds, eval_set.batch_size, f"{name}")
+    steps = int(sampling["multiphase"])
+    return ImageSet(name, steps, images, labels, per_image, note, {"sampling": sampling})
+
+
+def measure(classifier, reference: ImageSet, rows: Sequence[ImageSet]) -> List[dict]:
+    """Table rows: method, steps, FID vs the reference (teacher 50 steps), adherence, seconds per image."""
+    table = []
+    for row in rows:
+        fid = 0.0 if row is reference else feature_fid(classifier, row.images, reference.images)
+        table.append({"method": row.name, "steps": row.steps, "fid_vs_teacher_50": fid,
+                      "adherence": adherence(classifier, row.images, row.labels),
+                      "seconds_per_image": row.seconds_per_image, "note": row.note, "images": len(row.labels)})
+    return table
+
+
+def markdown_table(table: Sequence[dict]) -> str:
+    lines = ["| method | steps | FID vs teacher-50 | adherence | s / image |", "|---|---:|---:|---:|---:|"]
+    for row in table:
+        fid = "0 (reference)" if row["fid_vs_teacher_50"] == 0.0 else f"{row['fid_vs_teacher_50']:.3f}"
+        lines.append(f"| {row['method']} | {row['steps']} | {fid} | {100 * row['adherence']:.1f}% | "
+                     f"{row['seconds_per_image']:.4f} |")
+    return "\n".join(lines)
+
+
+def write_results(table: Sequence[dict], output_dir, stem: str, header: str = "", footer: str = "",
+                  extra: Optional[dict] = None) -> Path:
+    """``<stem>.md`` (header, table, footer) and ``<stem>.json`` (rows + extra) in ``output_dir``."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    text = "\n\n".join(part for part in (header.strip(), markdown_table(table), footer.strip()) if part) + "\n"
+    (output_dir / f"{stem}.md").write_text(text, encoding="utf-8")
+    payload = {"rows": list(table), **(extra or {})}
+    (output_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    return output_dir / f"{stem}.md"
+
+
+def save_comparison_grid(path, rows: Sequence[ImageSet], columns: int, images_per_digit: int) -> Path:
+    """Panels side by side (one per row set, e.g. teacher 50 / teacher 4 / student 4): rows digits 0-9, the first
+    ``columns`` seeds of each digit (the same seeds in every panel)."""
+    if columns > images_per_digit:
+        raise ValueError(f"grid columns {columns} exceed the {images_per_digit} images per digit")
+    take = np.array([d * images_per_digit + c for d in range(10) for c in range(columns)])
+    return save_digit_grid(path, [row.images[take] for row in rows], columns)

@@ -1,0 +1,113 @@
+"""The demo distillation on the committed teacher folder, with tiny step counts: cache, training through the
+training entry point's config, checkpoints, resume, the exported LoRA's sampling metadata, loading in the
+generation entry point, and the whole ``python -m ppdiffusers_fast.demo --quick`` path."""
+import json
+
+import numpy as np
+import pytest
+
+from ppdiffusers_fast.demo.config import DEMO_MODEL_DIR
+from ppdiffusers_fast.models.safetensors_io import load_file
+
+pytestmark = pytest.mark.skipif(not (DEMO_MODEL_DIR / "demo_config.json").is_file(),
+                                reason="the demo model folder is not present")
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    from ppdiffusers_fast.demo.teacher import DemoTeacher
+
+    return DemoTeacher.from_folder(DEMO_MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def latent_cache(tmp_path_factory, teacher):
+    from ppdiffusers_fast.demo.distill import build_latent_cache
+
+    return build_latent_cache(tmp_path_factory.mktemp("cache") / "latents.safetensors", teacher, DEMO_MODEL_DIR,
+                              max_images=40)
+
+
+def test_latent_cache_matches_the_teacher_encoders(latent_cache, teacher):
+    from ppdiffusers_fast.demo.vae_training import encode_posterior
+    from ppdiffusers_fast.training.batches import load_latent_file
+
+    arrays = load_file(latent_cache)
+    assert arrays["latents"].shape == (40, 16, teacher.latent_size, teacher.latent_size)
+    labels = arrays["labels"]
+    sequence, pooled = teacher.prompts.sequence.numpy(), teacher.prompts.pooled.numpy()
+    np.testing.assert_allclose(arrays["prompt_embeds"], sequence[labels], atol=0)
+    np.testing.assert_allclose(arrays["pooled_prompt_embeds"], pooled[labels], atol=0)
+    np.testing.assert_allclose(arrays["uncond_prompt_embeds"][0], sequence[10], atol=0)  # the empty prompt
+    # one latent recomputed by hand: (posterior mean - shift) * scale of the first training digit
+    from ppdiffusers_fast.demo.config import DemoSplit
+    from ppdiffusers_fast.demo.data import load_split
+    from ppdiffusers_fast.demo.teacher import read_demo_config
+
+    demo = read_demo_config(DEMO_MODEL_DIR)
+    digits = load_split(demo["resolution"], DemoSplit(**demo["split"]))["teacher_train"]
+    assert labels[0] == digits.labels[0]
+    mean, _ = encode_posterior(teacher.vae, digits.images[:1])
+    cfg = teacher.vae.config
+    np.testing.assert_allclose(arrays["latents"][0], (mean[0] - cfg.shift_factor) * cfg.scaling_factor,
+                               rtol=1e-5, atol=1e-5)
+    dataset = load_latent_file(latent_cache)
+    assert len(dataset) == 40 and dataset.unconditional_condition() is not None
+
+
+def test_training_checkpoints_resumes_and_exports_a_loadable_lora(tmp_path, latent_cache):
+    from ppdiffusers_fast.demo.distill import recipe_for, training_argv
+    from ppdiffusers_fast.models.lora_io import read_safetensors
+    from ppdiffusers_fast.training.config import config_from_args
+    from ppdiffusers_fast.training.launch import run_training
+
+    out = tmp_path / "run"
+    recipe = recipe_for("flux_lightning", max_train_steps=2, checkpointing_steps=2, train_batch_size=4,
+                        lr_warmup_steps=1)
+    argv = training_argv(recipe, out, latent_cache, DEMO_MODEL_DIR)
+    assert argv[argv.index("--teacher_guidance") + 1] == "cfg" and "--use_dmd_loss" in argv
+    first = run_training(config_from_args(argv))
+    assert first.step == 2 and first.resumed_from is None and first.checkpoints
+    assert (out / "checkpoint-2").is_dir()
+
+    longer = recipe_for("flux_lightning", max_train_steps=3, checkpointing_steps=2, train_batch_size=4,
+                        lr_warmup_steps=1)
+    second = run_training(config_from_args(training_argv(longer, out, latent_cache, DEMO_MODEL_DIR)))
+    assert second.resumed_from is not None and second.resumed_from.endswith("checkpoint-2") and second.step == 3
+    assert (out / "checkpoint-3").is_dir()
+
+    lora = out / "flux_lightning_lora.safetensors"
+    tensors, metadata, _ = read_safetensors(lora)
+    sampling = json.loads(metadata["sampling"])
+    assert sampling["num_inference_steps"] == 4 and sampling["multiphase"] == 4
+    from ppdiffusers_fast.demo.teacher import read_demo_config
+
+    assert sampling["num_euler_timesteps"] == recipe.num_euler_timesteps
+    assert sampling["guidance_scale"] == read_demo_config(DEMO_MODEL_DIR)["guidance_scale"]  # the teacher's CFG
+    assert any(np.abs(v.numpy()).max() > 0 for k, v in tensors.items() if k.endswith("lora_B"))  # the student moved
+
+    from ppdiffusers_fast.inference.generate_cli import main as generate
+
+    paths = generate(["--pretrained_model_name_or_path", str(DEMO_MODEL_DIR), "--path_to_lora", str(lora),
+                      "--prompt", "a handwritten digit seven", "--height", "32", "--width", "32",
+                      "--max_sequence_length", "8", "--output_dir", str(tmp_path / "images"), "--seed", "3"])
+    assert len(paths) == 1 and paths[0].is_file()
+
+
+def test_quick_demo_writes_table_grid_and_lora(tmp_path):
+    from ppdiffusers_fast.demo.__main__ import STUDENT_LORA_NAME, main
+
+    before = (DEMO_MODEL_DIR / STUDENT_LORA_NAME).stat().st_mtime if (DEMO_MODEL_DIR / STUDENT_LORA_NAME).exists() \
+        else None
+    result = main(["--quick", "--output_dir", str(tmp_path)])
+    table = result["table"]
+    assert [row["steps"] for row in table] == [50, 4, 4]
+    assert table[0]["fid_vs_teacher_50"] == 0.0 and table[1]["fid_vs_teacher_50"] > 0
+    assert all(0.0 <= row["adherence"] <= 1.0 and row["images"] == 20 for row in table)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"][2]["method"].startswith("student") and "checks" in saved
+    assert "| method | steps |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "grid.png").is_file() and (tmp_path / STUDENT_LORA_NAME).is_file()
+    after = (DEMO_MODEL_DIR / STUDENT_LORA_NAME).stat().st_mtime if (DEMO_MODEL_DIR / STUDENT_LORA_NAME).exists() \
+        else None
+    assert before == after  # --quick leaves the bundled folder alone
