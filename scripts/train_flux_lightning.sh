@@ -52,6 +52,8 @@ if [[ -z "$TEACHER" ]]; then
   if "$PYTHON" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('ppdiffusers_fast.demo.__main__') else 1)" \
       2>/dev/null; then
     echo "TEACHER is not set: running the bundled demo (python -m ppdiffusers_fast.demo)" >&2
+    # The demo's matrices are too small for threads to pay: one thread per process is fastest on a small CPU.
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     exec "$PYTHON" -m ppdiffusers_fast.demo "$@"
   fi
   echo "error: TEACHER is not set and this installation has no bundled demo (ppdiffusers_fast.demo)." >&2
