@@ -1,13 +1,15 @@
 """Benchmark the three ways of running the FLUX transformer, on small configs and the same inputs, in one run.
 
 1. Transformer alone, per preset: dygraph, ``paddle.jit.to_static`` (CINN where Paddle has it) and the Paddle
-   Inference predictor (``inference/compile.py``: broadcast operands expanded, buffers kept between calls,
-   Paddle's own CPU kernels). Prints for each the median process CPU time and wall time per call, the speed-ups
-   over dygraph and the largest output difference to dygraph. On a machine shared with other jobs the CPU time
+   Inference predictor (``inference/compile.py``: RMSNorm and attention fused, oneDNN fc, broadcast operands
+   expanded, buffers kept between calls), plus, on CPUs with native bfloat16, the predictor with bfloat16
+   matrix products (its own row and summary line, with its output difference; not a float32 speed-up).
+   Prints for each the median process CPU time and wall time per call, the speed-ups over dygraph and the
+   largest output difference to dygraph. On a machine shared with other jobs the CPU time
    is the figure to compare; wall time also counts the time other processes hold the cores. Every path runs
    with the same number of math threads; the paths take turns in interleaved rounds, each round after its own
    warm-up calls, so that a burst of load hits all of them.
-2. ``--ablation`` adds predictor rows with one optimisation undone (and the earlier configuration with none).
+2. ``--ablation`` adds predictor rows with one optimisation undone (and ``pred:plain`` with none).
 3. ``--breakdown`` profiles dygraph and predictor calls (operator time shares); the predictor's matrix-product
    time bounds any speed-up that leaves the matrix products as they are (both paths call the same sgemm).
 4. End to end (presets whose text dims fit ``tests/fixtures/pipeline/tiny_flux``): the tiny test pipeline with
@@ -40,11 +42,15 @@ PRESETS = {
 }
 # Predictor variants of --ablation: build_predictor keyword arguments.
 ABLATION = {
+    "pred:no-fuse": dict(fuse_ops=False),
+    "pred:no-onednn": dict(onednn=False),
     "pred:no-expand": dict(expand_broadcasts=False),
     "pred:no-keep": dict(keep_buffers_limit_mb=0),
-    "pred:onednn": dict(onednn=True),
-    "pred:earlier": dict(expand_broadcasts=False, keep_buffers_limit_mb=0, onednn=True),
+    "pred:plain": dict(fuse_ops=False, onednn=False, expand_broadcasts=False, keep_buffers_limit_mb=0),
 }
+# The bfloat16 predictor (CPUs with native bfloat16): timed with the others, reported apart from the float32
+# speed-ups, with its output error against the float32 dygraph model.
+BF16_LABEL = "predictor-bf16"
 
 
 def parse_args():
@@ -57,6 +63,7 @@ def parse_args():
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds over the paths")
     p.add_argument("--ablation", action="store_true", help="also time predictors with one optimisation undone")
     p.add_argument("--breakdown", action="store_true", help="profile dygraph: matmul share and speed-up bound")
+    p.add_argument("--no_bf16", action="store_true", help="skip the bfloat16 predictor row")
     p.add_argument("--pipeline_folder", default=str(REPO / "tests" / "fixtures" / "pipeline" / "tiny_flux"))
     p.add_argument("--skip_pipeline", action="store_true", help="only the transformer benchmark")
     return p.parse_args()
@@ -115,7 +122,7 @@ def transformer_benchmark(args, name, preset, model):
     import numpy as np
     import paddle
 
-    from ppdiffusers_fast.inference.compile import build_predictor, compile_transformer
+    from ppdiffusers_fast.inference.compile import bfloat16_available, build_predictor, compile_transformer
 
     inputs = transformer_inputs(preset)
     runners = {"dygraph": model, "to_static": compile_transformer(model, use_cinn=True),
@@ -123,9 +130,13 @@ def transformer_benchmark(args, name, preset, model):
     if args.ablation:
         runners.update({label: build_predictor(model, threads=args.threads, **kwargs)
                         for label, kwargs in ABLATION.items()})
+    if not args.no_bf16 and bfloat16_available():
+        runners[BF16_LABEL] = build_predictor(model, threads=args.threads, precision="bfloat16")
     with paddle.no_grad():
         reference = model(*inputs).sample.numpy()
-        diffs = {label: float(np.abs(run(*inputs).sample.numpy() - reference).max()) for label, run in runners.items()}
+        outputs = {label: run(*inputs).sample.numpy() for label, run in runners.items()}
+        diffs = {label: float(np.abs(out - reference).max()) for label, out in outputs.items()}
+        scale = float(np.abs(reference).max())
         cpu = {label: [] for label in runners}
         wall = {label: [] for label in runners}
         for _ in range(args.rounds):  # interleaved rounds, so that a burst of machine load hits every path
@@ -142,8 +153,15 @@ def transformer_benchmark(args, name, preset, model):
                for label in runners}
     base_cpu, base_wall = results["dygraph"][:2]
     for label, (c, w, diff) in results.items():
+        if label == BF16_LABEL:
+            continue
         print(f"  {label:15s} CPU {c:8.2f} ms ({base_cpu / c:4.2f}x vs dygraph)   wall {w:8.2f} ms "
               f"({base_wall / w:4.2f}x)   max |out - dygraph| {diff:.2e}")
+    if BF16_LABEL in results:
+        c, w, diff = results[BF16_LABEL]
+        print(f"  {BF16_LABEL:15s} CPU {c:8.2f} ms ({base_cpu / c:4.2f}x vs float32 dygraph)   wall {w:8.2f} ms "
+              f"({base_wall / w:4.2f}x)   bfloat16 matrix products: max |out - dygraph| {diff:.2e} = "
+              f"{diff / scale:.1e} of max |out| ({scale:.2f})")
     return results, runners, inputs
 
 
@@ -196,9 +214,11 @@ def print_breakdown(results, runners, inputs):
         print(f"  {label} operator time: matrix products {100 * matmul:.0f}%; top: {top}")
         if label == "predictor":
             matmul_ms = matmul * results["predictor"][0]
-            print(f"  -> the predictor's matrix products take about {matmul_ms:.1f} ms of its "
-                  f"{results['predictor'][0]:.1f} ms CPU time: with every other operator free it would be at most "
-                  f"{base_cpu / matmul_ms:.2f}x faster than dygraph")
+            attention_ms = shares.get("pd_op.self_dp_attention", 0.0) * results["predictor"][0]
+            print(f"  -> the predictor's matrix products take about {matmul_ms:.1f} ms (+ {attention_ms:.1f} ms fused "
+                  f"attention, mostly its two products) of its {results['predictor'][0]:.1f} ms CPU time: with every "
+                  f"other operator free it would be at most {base_cpu / (matmul_ms + attention_ms):.2f}x faster "
+                  f"than dygraph in float32")
 
 
 def pipeline_benchmark(args, model, predictor, preset):
@@ -255,7 +275,9 @@ def main():
     for name, results in summary:
         base = results["dygraph"][0]
         print(f"  {name:15s} " + "   ".join(f"{label} {base / cpu:4.2f}x" for label, (cpu, _, _) in results.items()
-                                             if label != "dygraph"))
+                                             if label not in ("dygraph", BF16_LABEL)))
+        if BF16_LABEL in results:
+            print(f"  {'':15s} (bfloat16, not comparable in precision: {BF16_LABEL} {base / results[BF16_LABEL][0]:4.2f}x)")
 
 
 if __name__ == "__main__":

@@ -10,16 +10,19 @@ Both entry points return a :class:`CompiledTransformer`, called like ``FluxTrans
   ``paddle.is_compiled_with_cinn()``; on other builds (CPU wheels) one line says so and the static graph
   runs without CINN.
 - :func:`build_predictor`: ``paddle.jit.save`` of that static graph, then ``paddle.inference`` with the IR
-  optimisations (on the GPU when Paddle has one). On CPU three measured changes to Paddle's defaults:
-  broadcasting elementwise ops get their small operand expanded first (:func:`expand_broadcast_operands`,
-  Paddle's CPU broadcast kernels are 5-10x slower than expand + same-shape op), intermediate buffers are kept
-  between calls instead of being freed and allocated again by a garbage-collection thread
-  (:class:`_PredictorRun`), and Paddle's own kernels instead of oneDNN (on by default in Paddle Inference;
-  its fc fusions saved nothing here and its placement of every other op onto oneDNN made calls ~1.7x slower).
-  Measured CPU time on 1 thread (``scripts/benchmark_inference.py``): 1.15-1.2x faster than dygraph for a
-  4.85 M-parameter transformer at 320 tokens (matrix products, the same sgemm in both, are 40-45% of the
-  predictor's time), 1.3x at 96 tokens, 1.75-1.95x on the demo-sized model (batch 10-20), where per-operator
-  costs dominate.
+  optimisations (on the GPU when Paddle has one). On CPU, measured changes to Paddle's defaults:
+  the saved graph is rewritten (``cpu_graph.py``): each RMSNorm becomes one ``rms_norm`` op and each attention
+  one ``self_dp_attention`` op (Paddle's fused AVX-512 CPU attention: no ``[B, H, L, L]`` maps), and
+  broadcasting elementwise ops get their small operand expanded first (Paddle's CPU broadcast kernels are
+  5-10x slower than expand + same-shape op); oneDNN fuses every linear layer (matmul + bias (+ gelu)) into one
+  ``fc`` op while every other op stays on Paddle's kernels (oneDNN's placement of all ops was 1.4x slower);
+  intermediate buffers are kept between calls instead of being freed and allocated again by a
+  garbage-collection thread (:class:`_PredictorRun`). ``precision="bfloat16"`` (CPUs with AMX /
+  AVX512-BF16) also lets the fc products use bfloat16 inputs (:class:`_OneDNNMathMode`).
+  Measured CPU time on 1 thread (``scripts/benchmark_inference.py``, float32): 1.45-1.5x faster than dygraph
+  for a 4.85 M-parameter transformer at 320 tokens (fc products and the fused attention, at the CPU's float32
+  peak in both paths, are two thirds of the predictor's time), see the script for the other presets;
+  bfloat16 products: about 1.9x at a relative output difference of ~4e-3.
 
 Input shapes are dynamic in the batch, image-token and text-token dimensions (``InputSpec`` with ``None``),
 so one compiled graph serves every resolution and batch size.
@@ -39,9 +42,10 @@ import paddle
 import paddle.nn as nn
 
 from ..models.transformer_flux import FluxTransformerOutput
+from .cpu_graph import expand_broadcast_operands, rewrite_for_cpu
 
 __all__ = ["CompiledTransformer", "compile_transformer", "build_predictor", "transformer_input_spec",
-           "cinn_available", "enable_cinn_flags"]
+           "cinn_available", "enable_cinn_flags", "bfloat16_available", "expand_broadcast_operands", "PRECISIONS"]
 
 logger = logging.getLogger(__name__)
 _INPUT_NAMES = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
@@ -182,7 +186,7 @@ def _predictor_config(prefix: Path, threads: Optional[int], use_cinn: bool, oned
     if not model_file.is_file():
         model_file = prefix.with_suffix(".pdmodel")
     config = paddle.inference.Config(str(model_file), str(prefix.with_suffix(".pdiparams")))
-    if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+    if _on_gpu():
         config.enable_use_gpu(256, 0)
         if use_cinn and cinn_available():
             config.enable_cinn()
@@ -190,10 +194,9 @@ def _predictor_config(prefix: Path, threads: Optional[int], use_cinn: bool, oned
         config.disable_gpu()
         if onednn:
             config.enable_onednn()
-            # Keep the oneDNN fusions (matmul + bias (+ gelu) -> fc, transpose + matmul -> fused_matmul) but not
-            # the pass that moves every other op onto oneDNN: on FLUX's broadcasts ([B, L, H, D] * [1, L, 1, D],
-            # [B, L, C] * [B, 1, C]) its elementwise kernels were 4x slower than Paddle's (33 ms against 8 ms of
-            # multiplies per call at 320 tokens), making the whole call 1.7x slower.
+            # Keep the oneDNN fusions (matmul + bias (+ gelu) -> fc) but not the pass that moves every other op
+            # onto oneDNN: its elementwise, mean and stack kernels were 1.5-10x slower than Paddle's here
+            # (stack 635 us against 50 us at 320 tokens), making the whole call 1.4x slower.
             config.delete_pass("onednn_placement_pass")
         else:
             config.disable_onednn()  # Paddle Inference turns oneDNN on by default on CPU
@@ -207,51 +210,54 @@ def _predictor_config(prefix: Path, threads: Optional[int], use_cinn: bool, oned
     return config
 
 
-_BROADCAST_OPS = ("pd_op.multiply", "pd_op.add", "pd_op.subtract", "pd_op.divide")
+def _on_gpu() -> bool:
+    return paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
 
 
-def _same_shape(a, b) -> bool:
-    return list(a) == list(b)
+PRECISIONS = ("float32", "bfloat16")
 
 
-def expand_broadcast_operands(model_file: Path) -> int:
-    """Graph rewrite of a saved PIR program: every broadcasting elementwise op gets its smaller operand
-    expanded first, ``a * b -> a * expand_as(b, a)`` (likewise +, -, /), when ``a`` has the output's shape.
+def bfloat16_available() -> bool:
+    """The CPU computes bfloat16 natively (AVX512-BF16 or AMX) and Paddle has oneDNN."""
+    core = paddle.base.core
+    return (not _on_gpu() and core.is_compiled_with_mkldnn()
+            and bool(getattr(core, "supports_bfloat16_fast_performance", lambda: False)())
+            and _OneDNNMathMode.library_path().is_file())
 
-    Paddle's CPU kernels broadcast with a per-element index computation: ``[1, 320, 256] * [1, 1, 256]`` takes
-    about 250 us against 23 us for ``expand_as`` + the same-shape product (9x; 5-10x for every FLUX pattern:
-    ``[B, L, H, D] * [1, L, 1, D]`` in the rotary embedding, ``[B, L, C] * [B, 1, C]`` in the adaLN modulation
-    and gates). The values are bit-identical. Ops where both operands broadcast are left alone.
 
-    Returns:
-        the number of operands expanded (0 for a program that is not PIR JSON).
+class _OneDNNMathMode:
+    """Context manager: oneDNN's default floating-point math mode set to bfloat16 inside, restored after.
+
+    oneDNN (``libdnnl``, shipped with Paddle) gives every primitive created while the mode is ``bf16`` the
+    right to compute float32 matrix products with bfloat16 inputs and float32 accumulation (AMX / AVX512-BF16):
+    the predictor's ``fc`` ops keep float32 inputs, outputs and weights in memory, no conversion ops are added.
+    Primitives created outside (other predictors, later shapes) stay exact.
     """
-    if model_file.suffix != ".json":
-        return 0
-    was_dynamic = paddle.in_dynamic_mode()
-    paddle.enable_static()
-    try:
-        program = paddle.static.Program()
-        paddle.base.core.deserialize_pir_program(str(model_file), program)
-        expanded = 0
-        with paddle.static.program_guard(program):
-            for op in list(program.global_block().ops):
-                if op.name() not in _BROADCAST_OPS:
-                    continue
-                a, b, out = op.operand_source(0), op.operand_source(1), op.result(0)
-                if _same_shape(a.shape, b.shape):
-                    continue
-                for index, (full, small) in enumerate(((a, b), (b, a))):
-                    if _same_shape(full.shape, out.shape):
-                        paddle.pir.set_insertion_point(op)
-                        op.operand(1 - index).set_source(paddle.expand_as(small, full))
-                        expanded += 1
-                        break
-        paddle.base.core.serialize_pir_program(program, str(model_file), True, False, True)
-    finally:
-        if was_dynamic:
-            paddle.disable_static()
-    return expanded
+
+    _STRICT, _BF16 = 0, 1  # dnnl_fpmath_mode_strict, dnnl_fpmath_mode_bf16
+    _library = None
+
+    @staticmethod
+    def library_path() -> Path:
+        return Path(paddle.__file__).parent / "libs" / "libdnnl.so.3"
+
+    @classmethod
+    def library(cls):
+        if cls._library is None:
+            import ctypes
+
+            cls._library = ctypes.CDLL(str(cls.library_path()))
+        return cls._library
+
+    def __enter__(self):
+        status = self.library().dnnl_set_default_fpmath_mode(self._BF16)
+        if status != 0:
+            raise RuntimeError(f"oneDNN refused the bfloat16 math mode (status {status})")
+        return self
+
+    def __exit__(self, *exc):
+        self.library().dnnl_set_default_fpmath_mode(self._STRICT)
+        return False
 
 
 def kept_buffer_bytes(config, batch: int, image_tokens: int, text_tokens: int) -> int:
@@ -279,8 +285,10 @@ class _PredictorRun:
     ``keep_buffers_limit_mb``; the flag is restored right after that run.
     """
 
-    def __init__(self, predictor, input_names, expected_names, model_config, keep_buffers_limit_mb: float):
+    def __init__(self, predictor, input_names, expected_names, model_config, keep_buffers_limit_mb: float,
+                 math_mode=None):
         self.predictor = predictor
+        self.math_mode = math_mode  # a context manager class entered around every run, or None
         self.input_names = input_names
         self.expected_names = expected_names
         self.model_config = model_config
@@ -288,6 +296,12 @@ class _PredictorRun:
         self.keeps_buffers = None  # decided at the first call
 
     def __call__(self, inputs):
+        if self.math_mode is None:
+            return self._call(inputs)
+        with self.math_mode():
+            return self._call(inputs)
+
+    def _call(self, inputs):
         by_name = dict(zip(self.expected_names, inputs))
         ordered = [by_name[name] for name in self.input_names]
         if self.keeps_buffers is None:
@@ -306,8 +320,9 @@ class _PredictorRun:
 
 
 def build_predictor(model: nn.Layer, save_dir: Union[str, Path, None] = None, threads: Optional[int] = None,
-                    use_cinn: bool = False, onednn: bool = False, expand_broadcasts: bool = True,
-                    keep_buffers_limit_mb: float = 512.0) -> CompiledTransformer:
+                    use_cinn: bool = False, onednn: bool = True, fuse_ops: bool = True,
+                    expand_broadcasts: bool = True, keep_buffers_limit_mb: float = 512.0,
+                    precision: str = "float32") -> CompiledTransformer:
     """Export the transformer with ``paddle.jit.save`` and run it with a Paddle Inference predictor.
 
     Args:
@@ -316,14 +331,26 @@ def build_predictor(model: nn.Layer, save_dir: Union[str, Path, None] = None, th
         threads: CPU math threads (default: ``OMP_NUM_THREADS`` or the number of cores).
         use_cinn: also compile with CINN inside the predictor (GPU builds with CINN; otherwise one line says
             that it is unavailable).
-        onednn: CPU only: the oneDNN fusions (matmul + bias + gelu -> fc). Off by default: on the models
-            measured (0.5-4.9 M parameters, 24-320 tokens) they were 0-15% slower than Paddle's own kernels,
-            the layout conversions between oneDNN and plain ops costing what the fusions save.
-        expand_broadcasts: CPU only: apply :func:`expand_broadcast_operands` to the saved graph.
+        onednn: CPU only: oneDNN's fc fusions (matmul + bias (+ gelu) -> one ``fc`` op), every other op on
+            Paddle's kernels. The linear bias adds are then left out of the broadcast expansion.
+        fuse_ops: CPU only: replace RMSNorm and attention subgraphs by Paddle's fused CPU kernels
+            (:func:`cpu_graph.fuse_rms_norm`, :func:`cpu_graph.fuse_attention`; float32).
+        expand_broadcasts: CPU only: apply :func:`cpu_graph.expand_broadcast_operands` to the saved graph.
         keep_buffers_limit_mb: CPU only: keep all intermediate buffers between calls (no per-call free /
             allocate, see :class:`_PredictorRun`) when they need at most this much memory at the first call's
             shapes; 0 turns it off.
+        precision: "float32", or "bfloat16" (CPU with native bfloat16, see :func:`bfloat16_available`;
+            needs ``onednn``): the fc matrix products take bfloat16 inputs with float32 accumulation
+            (:class:`_OneDNNMathMode`); weights, activations and every other op stay float32. Outputs then
+            differ from float32 by bfloat16 rounding (relative 1e-3 to 1e-2).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bfloat16" and not (onednn and bfloat16_available()):
+        raise ValueError("precision='bfloat16' needs a CPU with native bfloat16 (AVX512-BF16 / AMX), a Paddle "
+                         "build with oneDNN and onednn=True")
+    if precision == "bfloat16" and _model_dtype(model) != "float32":
+        raise ValueError(f"precision='bfloat16' runs a float32 model, got a {_model_dtype(model)} one")
     keep_alive = None
     if save_dir is None:
         keep_alive = tempfile.TemporaryDirectory(prefix="flux_predictor_")
@@ -331,17 +358,23 @@ def build_predictor(model: nn.Layer, save_dir: Union[str, Path, None] = None, th
     prefix = Path(save_dir) / "transformer"
     prefix.parent.mkdir(parents=True, exist_ok=True)
     paddle.jit.save(_static_graph(model, use_cinn=use_cinn, announce=use_cinn), str(prefix))
-    on_gpu = paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
-    expanded = expand_broadcast_operands(prefix.with_suffix(".json")) if expand_broadcasts and not on_gpu else 0
+    on_gpu = _on_gpu()
+    rewrites = {"rms_norm": 0, "attention": 0, "expanded": 0}
+    if not on_gpu:
+        rewrites = rewrite_for_cpu(prefix.with_suffix(".json"), fuse_norms=fuse_ops, fuse_attentions=fuse_ops,
+                                   expand_broadcasts=expand_broadcasts, keep_linear_bias=onednn)
     predictor = paddle.inference.create_predictor(_predictor_config(prefix, threads, use_cinn, onednn))
     input_names = predictor.get_input_names()
     expected = list(_INPUT_NAMES[: len(transformer_input_spec(model))])
     if sorted(input_names) != sorted(expected):
         raise RuntimeError(f"exported graph has inputs {input_names}, expected {expected}")
-    run = _PredictorRun(predictor, input_names, expected, model.config, 0.0 if on_gpu else keep_buffers_limit_mb)
+    run = _PredictorRun(predictor, input_names, expected, model.config, 0.0 if on_gpu else keep_buffers_limit_mb,
+                        math_mode=_OneDNNMathMode if precision == "bfloat16" else None)
     compiled = CompiledTransformer(run, model.config, _model_dtype(model), "predictor")
     compiled.save_dir = Path(save_dir)
     compiled.onednn = onednn
-    compiled.expanded_operands = expanded
+    compiled.precision = precision
+    compiled.rewrites = rewrites
+    compiled.expanded_operands = rewrites["expanded"]
     compiled._keep_alive = keep_alive
     return compiled

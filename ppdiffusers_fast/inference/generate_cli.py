@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile the transformer with paddle.jit.to_static + CINN (CINN only where Paddle has it)")
     p.add_argument("--inference_optimize", action="store_true",
                    help="run the transformer with a Paddle Inference predictor (oneDNN on CPU)")
+    p.add_argument("--predictor_precision", choices=["float32", "bfloat16"], default="float32",
+                   help="with --inference_optimize on CPU: bfloat16 matrix products (CPUs with AMX / AVX512-BF16; "
+                        "float32 weights and other ops, outputs within bfloat16 rounding of float32)")
     p.add_argument("--predictor_dir", default=None, help="where the exported predictor model is kept (default: temp)")
     p.add_argument("--benchmark", action="store_true", help="warm-up runs, then timed runs (ms per image / call)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs with --benchmark")
@@ -131,9 +134,15 @@ def read_prompts(args) -> List[str]:
 
 def build_pipeline(args):
     from ..pipelines.pipeline_flux import FluxPipeline
-    from .compile import build_predictor, compile_transformer
+    from .compile import bfloat16_available, build_predictor, compile_transformer
 
     dtype = args.dtype or ("bfloat16" if paddle.get_device().startswith("gpu") else "float32")
+    if args.predictor_precision == "bfloat16":
+        if not args.inference_optimize:
+            sys.exit("error: --predictor_precision bfloat16 needs --inference_optimize")
+        if not bfloat16_available() or dtype != "float32":
+            sys.exit("error: --predictor_precision bfloat16 needs a CPU with native bfloat16 (AMX / AVX512-BF16), "
+                     "a Paddle build with oneDNN and float32 weights (--dtype float32)")
     pipe = FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype)
     if args.path_to_lora:
         sampling = pipe.load_lora(args.path_to_lora, scale=args.lora_scale)
@@ -142,7 +151,8 @@ def build_pipeline(args):
     if args.inference_optimize or args.use_cinn:
         pipe.fuse_lora()  # compiled graphs hold the merged student weights
     if args.inference_optimize:
-        runner = build_predictor(pipe.transformer, args.predictor_dir, use_cinn=args.use_cinn)
+        runner = build_predictor(pipe.transformer, args.predictor_dir, use_cinn=args.use_cinn,
+                                 precision=args.predictor_precision)
     elif args.use_cinn:
         runner = compile_transformer(pipe.transformer, use_cinn=True)
     pipe.set_transformer_runner(runner)

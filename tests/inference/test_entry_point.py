@@ -118,3 +118,20 @@ def test_bundled_demo_teacher_is_the_default_model(tmp_path):
         assert args.true_cfg_scale == 1.0
     paths = generate_cli.main(["--output_dir", str(tmp_path), "--step", "2"])
     assert [Image.open(p).size for p in paths] == [(32, 32)]
+
+
+def test_bfloat16_predictor_needs_inference_optimize():
+    with pytest.raises(SystemExit, match="needs --inference_optimize"):
+        generate_cli.main(COMMON + ["--predictor_precision", "bfloat16"])
+
+
+def test_bfloat16_predictor_writes_close_pngs(dygraph_pngs, tmp_path):
+    from ppdiffusers_fast.inference.compile import bfloat16_available
+
+    if not bfloat16_available():
+        pytest.skip("the CPU has no native bfloat16")
+    paths = generate_cli.main(COMMON + ["--output_dir", str(tmp_path), "--inference_optimize",
+                                        "--predictor_precision", "bfloat16"])
+    assert [Path(p).name for p in paths] == ["000_seed7.png", "001_seed8.png"]
+    for mine, reference in zip(paths, dygraph_pngs):
+        assert np.abs(pixels(mine) - pixels(reference)).max() <= 16  # bfloat16 rounding in the matrix products

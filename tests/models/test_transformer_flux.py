@@ -118,6 +118,25 @@ def test_rope_matches_formula():
                                atol=1e-6)
 
 
+def test_rope_pair_rotation_is_an_exact_signed_permutation():
+    rotation = flux_embeddings.pair_rotation_matrix(6)
+    expected = np.zeros([6, 6], dtype=np.float32)
+    for j in range(3):  # (x @ R)_{2j} = -x_{2j+1}, (x @ R)_{2j+1} = x_{2j}
+        expected[2 * j + 1, 2 * j] = -1.0
+        expected[2 * j, 2 * j + 1] = 1.0
+    np.testing.assert_array_equal(rotation, expected)
+    with pytest.raises(ValueError, match="even"):
+        flux_embeddings.pair_rotation_matrix(5)
+
+    # apply_rope against the split / negate / interleave form, in numpy float32: equal to the last bit
+    x = (np.random.randn(2, 5, 3, 6) * 10).astype(np.float32)
+    cos, sin = (np.random.randn(5, 6).astype(np.float32) for _ in range(2))
+    rotated = np.stack([-x[..., 1::2], x[..., 0::2]], axis=-1).reshape(x.shape)
+    expected = x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    out = flux_embeddings.apply_rope(paddle.to_tensor(x), paddle.to_tensor(cos), paddle.to_tensor(sin)).numpy()
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_timestep_embedding_matches_formula():
     t = np.array([0.0, 250.0, 1000.0], dtype=np.float32)
     emb = flux_embeddings.sinusoidal_timestep_embedding(paddle.to_tensor(t), 8).numpy()
