@@ -1,6 +1,6 @@
 """The demo: distil the bundled tiny FLUX teacher to 4 steps with FLUX-Lightning, then show and measure it.
 
-    python -m ppdiffusers_fast.demo                      # the full demo (about 12 minutes on a busy 2-core CPU)
+    python -m ppdiffusers_fast.demo                      # the full demo (about 10 minutes on a busy 2-core CPU)
     bash scripts/train_flux_lightning.sh                 # the same, when no TEACHER is set
     python -m ppdiffusers_fast.demo --quick              # a few steps on few images (smoke run)
 

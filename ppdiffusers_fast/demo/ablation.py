@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", default=",".join(STUDENT_ROWS), help=f"students to train, from {STUDENT_ROWS}")
     p.add_argument("--max_train_steps", type=int, default=None, help="step budget of every student")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--images_per_digit", type=int, default=30)
+    p.add_argument("--images_per_digit", type=int, default=100)
     return p
 
 

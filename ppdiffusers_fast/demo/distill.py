@@ -20,7 +20,11 @@ Two stages:
 The recipe (:class:`DemoRecipe`) keeps the reference's structure (Huber consistency loss, K = 4 phases, the
 teacher's guidance in the solver, adversarial heads on every block, DMD with the student as fake score,
 reflow) with the sizes and rates of a 0.5M-parameter model trained for minutes: rank 16, learning rate 3e-3
-(cosine decay) instead of 5e-6, N = 16 grid steps (4 per phase) instead of 100, batch 32, 1200 steps.
+(cosine decay) instead of 5e-6, N = 16 grid steps (4 per phase) instead of 100, batch 32, 1000 steps.
+The LoRA covers the ``extended`` targets (``models.lora.TARGET_MODULE_PRESETS``): besides the reference's
+attention and MLP layers, the single blocks' MLP and output projections and the adaLN modulation linears through
+which the timestep reaches every block. On the demo this cut the student's FID against the teacher's 50 steps
+from 3.44 to 1.01 (PCM, 1200 steps, 1000 images; the teacher's own 4 steps: 4.17).
 """
 import shutil
 from dataclasses import asdict, dataclass, field, replace
@@ -46,13 +50,14 @@ class DemoRecipe:
     """Training flags of one demo distillation run (names as the training entry point's flags)."""
 
     method: str = "flux_lightning"
-    max_train_steps: int = 1200
+    max_train_steps: int = 1000
     train_batch_size: int = 32
     learning_rate: float = 3e-3
     lr_scheduler: str = "cosine"
     lr_warmup_steps: int = 20
     lora_rank: int = 16
     lora_alpha: float = 16.0
+    lora_target_modules: str = "extended"
     num_euler_timesteps: int = 16
     multiphase: int = 4
     loss_type: str = "huber"

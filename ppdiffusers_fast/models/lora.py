@@ -40,6 +40,38 @@ DEFAULT_TARGET_MODULES: Tuple[str, ...] = (
     "single_transformer_blocks.*.proj_mlp", "single_transformer_blocks.*.proj_out",
 )
 
+# The reference FLUX-Lightning run's list (the training entry point's default): attention of both streams and
+# the double blocks' MLPs; single blocks get LoRA on q/k/v only.
+REFERENCE_TARGET_MODULES: Tuple[str, ...] = DEFAULT_TARGET_MODULES[:12]
+
+# Where the timestep reaches every block: the adaLN modulation linears (shift/scale/gate from the time-text
+# embedding) and the output projection. A few-step student must act differently from the teacher at the same
+# noise level (jump to a phase edge instead of predicting the velocity), which these layers express directly.
+MODULATION_TARGET_MODULES: Tuple[str, ...] = (
+    "norm1.linear", "norm1_context.linear", "single_transformer_blocks.*.norm.linear", "norm_out.linear", "proj_out",
+)
+
+TARGET_MODULE_PRESETS: Dict[str, Tuple[str, ...]] = {
+    "reference": REFERENCE_TARGET_MODULES,
+    "extended": DEFAULT_TARGET_MODULES + MODULATION_TARGET_MODULES,
+}
+
+
+def resolve_target_modules(spec: str) -> Tuple[str, ...]:
+    """Target patterns from a preset name or a comma-separated list of patterns.
+
+    Presets: ``reference`` (:data:`REFERENCE_TARGET_MODULES`), ``extended`` (:data:`DEFAULT_TARGET_MODULES` plus
+    :data:`MODULATION_TARGET_MODULES`: every Linear of the blocks, the adaLN modulations and the output projection).
+    """
+    if spec.strip() in TARGET_MODULE_PRESETS:
+        return TARGET_MODULE_PRESETS[spec.strip()]
+    targets = tuple(t.strip() for t in spec.split(",") if t.strip())
+    if not targets:
+        raise ValueError(f"LoRA target modules {spec!r}: give a preset ({', '.join(TARGET_MODULE_PRESETS)}) "
+                         f"or comma-separated module-name suffixes")
+    return targets
+
+
 _ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -387,7 +419,8 @@ def adapter_modules(model: nn.Layer, adapter_name: str) -> Dict[str, LoraAdapter
 
 
 __all__ = [
-    "DEFAULT_TARGET_MODULES", "LoraConfig", "LoraAdapter", "LoraLinear", "matches_target", "inject_lora",
+    "DEFAULT_TARGET_MODULES", "REFERENCE_TARGET_MODULES", "MODULATION_TARGET_MODULES", "TARGET_MODULE_PRESETS",
+    "resolve_target_modules", "LoraConfig", "LoraAdapter", "LoraLinear", "matches_target", "inject_lora",
     "inject_trainable_lora",
     "use_adapters", "set_live_adapters", "live_adapters", "adapter_names", "adapter_parameters", "adapter_modules",
     "set_adapter_scale", "merge_adapter", "unmerge_adapter", "record_live_adapters", "wrap_linear", "freeze_base",

@@ -42,7 +42,9 @@ class ModelConfig:
     lora_target_modules: str = flag(
         "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,"
         "attn.to_add_out,ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2",
-        "comma-separated module-name suffixes that get LoRA (the reference's list)")
+        "comma-separated module-name suffixes that get LoRA (default: the reference's list), or a preset: "
+        "reference (this list) or extended (+ the single blocks' proj_mlp / proj_out, the adaLN modulation "
+        "linears and the output projection)")
     mixed_precision: str = flag("bf16", "no | fp16 | bf16; on CPU everything runs in fp32",
                                 choices=["no", "fp16", "bf16"])
     fp16_opt_level: str = flag("O1", "AMP level: O1 (frozen base in low precision, trainable weights fp32) or "
@@ -248,6 +250,12 @@ def validate_config(config: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    from ..models.lora import resolve_target_modules
+
+    try:
+        resolve_target_modules(config.model.lora_target_modules)
+    except ValueError as error:
+        raise ValueError(f"--lora_target_modules: {error}") from None
     for section_name in METHOD_USES[config.run.method]:
         section = getattr(config, section_name)
         if hasattr(section, "validate"):

@@ -28,7 +28,7 @@ import paddle
 
 from ..methods.denoiser import FluxCondition, FluxDenoiser
 from ..methods.registry import build_method
-from ..models.lora import LoraConfig
+from ..models.lora import LoraConfig, resolve_target_modules
 from ..models.weights import load_flux_transformer
 from . import distributed as dist
 from .batches import LoaderStream, latent_batch, latent_loader, load_latent_file
@@ -253,7 +253,7 @@ def run_training(config: TrainConfig) -> TrainResult:
         encoder = data.encoders[1] if data.encoders else load_text_encoder(flux_folder,
                                                                           config.data.max_sequence_length)
         unconditional = _unconditional_from_encoder(encoder, probe.latent_size)
-    targets = tuple(t.strip() for t in config.model.lora_target_modules.split(",") if t.strip())
+    targets = resolve_target_modules(config.model.lora_target_modules)
     lora = LoraConfig(rank=config.model.lora_rank, alpha=config.model.lora_alpha, dropout=config.model.lora_dropout,
                       target_modules=targets)
     method = build_method(config.run.method, denoiser, lora, config, config.model.teacher_guidance, unconditional)

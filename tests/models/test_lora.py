@@ -8,7 +8,8 @@ import pytest
 
 from ppdiffusers_fast.models.lora import (
     DEFAULT_TARGET_MODULES, LoraConfig, LoraLinear, adapter_parameters, inject_lora, live_adapters, lora_layers,
-    matches_target, merge_adapter, record_live_adapters, set_adapter_scale, unmerge_adapter, use_adapters,
+    matches_target, merge_adapter, record_live_adapters, resolve_target_modules, set_adapter_scale, unmerge_adapter,
+    use_adapters,
 )
 from ppdiffusers_fast.models.transformer_flux import FluxTransformer2DModel
 
@@ -289,6 +290,25 @@ def test_flux_default_targets(flux):
     assert len(DEFAULT_TARGET_MODULES) == 14
     trainable = [p for p in model.parameters() if not p.stop_gradient]
     assert len(trainable) == 2 * len(expected)
+
+
+def test_target_presets_on_flux(flux):
+    model, _ = flux
+    reference = inject_lora(model, LoraConfig(rank=2, alpha=2.0, target_modules=resolve_target_modules("reference")),
+                            "reference")
+    # 2 double blocks x 12 layers + 2 single blocks x q/k/v
+    assert len(reference) == 2 * 12 + 2 * 3
+    assert not any(name.endswith(("proj_mlp", "proj_out")) for name in reference)
+    extended = inject_lora(model, LoraConfig(rank=2, alpha=2.0, target_modules=resolve_target_modules("extended")),
+                           "extended")
+    modulation = [f"transformer_blocks.{i}.{n}" for i in range(2) for n in ("norm1.linear", "norm1_context.linear")]
+    modulation += [f"single_transformer_blocks.{i}.norm.linear" for i in range(2)] + ["norm_out.linear", "proj_out"]
+    single_mlp = [f"single_transformer_blocks.{i}.{n}" for i in range(2) for n in ("proj_mlp", "proj_out")]
+    assert sorted(extended) == sorted(reference + single_mlp + modulation)
+    assert not isinstance(model.x_embedder, LoraLinear) and not isinstance(model.context_embedder, LoraLinear)
+    assert resolve_target_modules(" attn.to_q , proj_mlp ,") == ("attn.to_q", "proj_mlp")
+    with pytest.raises(ValueError, match="preset"):
+        resolve_target_modules(" , ")
 
 
 def test_flux_teacher_student_fake_score_on_one_base(flux):

@@ -83,7 +83,8 @@ def test_booleans_optionals_and_renamed_flags():
 
 def test_invalid_values_name_the_flag(capsys):
     for argv, text in ((["--multiphase", "200"], "--multiphase"), (["--resolution", "1000"], "--resolution"),
-                       (["--loss_type", "l1"], "--loss_type")):
+                       (["--loss_type", "l1"], "--loss_type"),
+                       (["--lora_target_modules", " , "], "--lora_target_modules")):
         with pytest.raises(SystemExit):
             config_from_args(argv)
         assert text in capsys.readouterr().err
