@@ -18,6 +18,7 @@
 Presets (all randomly initialised; speed does not depend on the values):
     issue           1 double + 2 single blocks, 4 heads x 64 (4.85 M parameters), 256 image + 64 text tokens
     issue_moderate  the same model, 64 image + 32 text tokens
+    issue_small_images  the same model at the demo's image size: batch 16, 16 image + 8 text tokens
     demo            the shipped demo size: 2 + 2 blocks, 4 heads x 16 (0.47 M), 16 image + 8 text tokens, batch 16
 
     OMP_NUM_THREADS=1 python scripts/benchmark_inference.py                   # every preset, 1 thread
@@ -37,6 +38,8 @@ PRESETS = {
                   guidance=True, grid=(16, 16), text_tokens=64, batch=1),
     "issue_moderate": dict(num_layers=1, num_single_layers=2, heads=4, head_dim=64, joint_dim=32, pooled_dim=32,
                            guidance=True, grid=(8, 8), text_tokens=32, batch=1),
+    "issue_small_images": dict(num_layers=1, num_single_layers=2, heads=4, head_dim=64, joint_dim=32, pooled_dim=32,
+                               guidance=True, grid=(4, 4), text_tokens=8, batch=16),
     "demo": dict(num_layers=2, num_single_layers=2, heads=4, head_dim=16, joint_dim=64, pooled_dim=64,
                  guidance=False, grid=(4, 4), text_tokens=8, batch=16),
 }
