@@ -7,6 +7,7 @@ import paddle
 
 from ppdiffusers_fast.models.lora import LoraConfig
 from ppdiffusers_fast.models.transformer_flux import FluxTransformer2DModel
+from ppdiffusers_fast.pipelines.latents import latent_image_ids, text_ids
 
 # inner dim 2 x 16 = 32; one double block and two single blocks; 16 packed latent channels (4 VAE channels x 2 x 2)
 TINY_FLUX = dict(in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
@@ -26,6 +27,16 @@ def tiny_flux(seed=0, guidance_embeds=True, **overrides):
     """A fresh tiny FLUX transformer; the same seed and settings give the same weights."""
     paddle.seed(seed)
     return FluxTransformer2DModel(guidance_embeds=guidance_embeds, **tiny_flux_config(**overrides))
+
+
+def tiny_flux_inputs(batch, rows, cols, text_len, guidance=True, in_channels=TINY_FLUX["in_channels"]):
+    """Random keyword inputs of a tiny FLUX transformer for a ``rows x cols`` packed-token grid and ``text_len``
+    text tokens (guidance 3.5, or None)."""
+    return dict(hidden_states=paddle.randn([batch, rows * cols, in_channels]),
+                encoder_hidden_states=paddle.randn([batch, text_len, TINY_FLUX["joint_attention_dim"]]),
+                pooled_projections=paddle.randn([batch, TINY_FLUX["pooled_projection_dim"]]),
+                timestep=paddle.rand([batch]), img_ids=latent_image_ids(2 * rows, 2 * cols),
+                txt_ids=text_ids(text_len), guidance=paddle.full([batch], 3.5) if guidance else None)
 
 
 def tiny_lora(target_modules=TINY_LORA_TARGETS):

@@ -6,25 +6,17 @@ import pytest
 from ppdiffusers_fast.inference.compile import (build_predictor, compile_transformer, kept_buffer_bytes,
                                                 transformer_input_spec)
 from ppdiffusers_fast.models.lora import LoraConfig, inject_lora, merge_adapter, set_live_adapters
-from ppdiffusers_fast.models.transformer_flux import FluxTransformer2DModel
-from ppdiffusers_fast.pipelines.latents import latent_image_ids, text_ids
+from tiny_models import tiny_flux, tiny_flux_inputs
 
 
 def tiny_transformer(guidance_embeds=True):
-    paddle.seed(1)
-    model = FluxTransformer2DModel(in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
-                                   num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                                   guidance_embeds=guidance_embeds, axes_dims_rope=[4, 4, 8])
+    model = tiny_flux(1, guidance_embeds, in_channels=64)
     model.eval()
     return model
 
 
 def inputs(batch, rows, cols, text_len, guidance=True):
-    return dict(hidden_states=paddle.randn([batch, rows * cols, 64]),
-                encoder_hidden_states=paddle.randn([batch, text_len, 32]),
-                pooled_projections=paddle.randn([batch, 32]), timestep=paddle.rand([batch]),
-                img_ids=latent_image_ids(2 * rows, 2 * cols), txt_ids=text_ids(text_len),
-                guidance=paddle.full([batch], 3.5) if guidance else None)
+    return tiny_flux_inputs(batch, rows, cols, text_len, guidance, in_channels=64)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,7 @@ import pytest
 from ppdiffusers_fast.inference import cpu_graph
 from ppdiffusers_fast.inference.compile import _OneDNNMathMode, bfloat16_available, build_predictor
 from ppdiffusers_fast.models.flux_layers import RMSNorm, attention_math
-from ppdiffusers_fast.models.transformer_flux import FluxTransformer2DModel
-from ppdiffusers_fast.pipelines.latents import latent_image_ids, text_ids
+from tiny_models import tiny_flux, tiny_flux_inputs
 
 
 class NormThenAttention(paddle.nn.Layer):
@@ -111,26 +110,15 @@ def test_rewrites_leave_other_programs_alone(tmp_path):
     assert cpu_graph.rewrite_for_cpu(tmp_path / "missing.pdmodel") == {"rms_norm": 0, "attention": 0, "expanded": 0}
 
 
-def tiny_transformer():
-    paddle.seed(5)
-    model = FluxTransformer2DModel(in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
-                                   num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                                   guidance_embeds=True, axes_dims_rope=[4, 4, 8])
-    model.eval()
-    return model
-
-
 def transformer_args(batch, rows, cols, text_len):
-    return dict(hidden_states=paddle.randn([batch, rows * cols, 64]),
-                encoder_hidden_states=paddle.randn([batch, text_len, 32]),
-                pooled_projections=paddle.randn([batch, 32]), timestep=paddle.rand([batch]),
-                img_ids=latent_image_ids(2 * rows, 2 * cols), txt_ids=text_ids(text_len),
-                guidance=paddle.full([batch], 3.5))
+    return tiny_flux_inputs(batch, rows, cols, text_len, in_channels=64)
 
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_transformer()
+    model = tiny_flux(5, in_channels=64)
+    model.eval()
+    return model
 
 
 def test_predictor_fuses_every_norm_and_attention_of_the_transformer(model, tmp_path):
