@@ -25,6 +25,7 @@ from ..methods.dmd2 import DMD2Config
 from ..methods.pcm import PCMConfig
 from ..methods.reflow import ReflowConfig
 from ..methods.registry import METHOD_USES, METHODS
+from ..models.lora import REFERENCE_TARGET_MODULES, resolve_target_modules
 
 
 @dataclass
@@ -40,8 +41,7 @@ class ModelConfig:
     lora_alpha: float = flag(8.0, "LoRA alpha; scale = alpha / r (8 / 32 = 0.25 as the reference's adapter)")
     lora_dropout: float = flag(0.0, "dropout on the LoRA input")
     lora_target_modules: str = flag(
-        "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,"
-        "attn.to_add_out,ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2",
+        ",".join(REFERENCE_TARGET_MODULES),
         "comma-separated module-name suffixes that get LoRA (default: the reference's list), or a preset: "
         "reference (this list) or extended (+ the single blocks' proj_mlp / proj_out, the adaLN modulation "
         "linears and the output projection)")
@@ -250,8 +250,6 @@ def validate_config(config: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    from ..models.lora import resolve_target_modules
-
     try:
         resolve_target_modules(config.model.lora_target_modules)
     except ValueError as error:
