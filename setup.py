@@ -16,7 +16,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ppdiffusers_fast", "ppdiffusers_fast.*"]),
-    package_data={"ppdiffusers_fast": ["**/*.md", "**/*.json"]},
+    package_data={"ppdiffusers_fast": ["**/*.md", "**/*.json", "**/*.cc"]},
     python_requires=">=3.9",
     install_requires=read_requirements("requirements.txt"),
     extras_require={"test": read_requirements("requirements-test.txt")},

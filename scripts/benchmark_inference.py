@@ -46,10 +46,12 @@ PRESETS = {
 # Predictor variants of --ablation: build_predictor keyword arguments.
 ABLATION = {
     "pred:no-fuse": dict(fuse_ops=False),
+    "pred:no-kernels": dict(cpu_kernels=False),
     "pred:no-onednn": dict(onednn=False),
     "pred:no-expand": dict(expand_broadcasts=False),
     "pred:no-keep": dict(keep_buffers_limit_mb=0),
-    "pred:plain": dict(fuse_ops=False, onednn=False, expand_broadcasts=False, keep_buffers_limit_mb=0),
+    "pred:plain": dict(fuse_ops=False, cpu_kernels=False, onednn=False, expand_broadcasts=False,
+                       keep_buffers_limit_mb=0),
 }
 # The bfloat16 predictor (CPUs with native bfloat16): timed with the others, reported apart from the float32
 # speed-ups, with its output error against the float32 dygraph model.

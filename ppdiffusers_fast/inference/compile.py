@@ -320,7 +320,7 @@ class _PredictorRun:
 
 
 def build_predictor(model: nn.Layer, save_dir: Union[str, Path, None] = None, threads: Optional[int] = None,
-                    use_cinn: bool = False, onednn: bool = True, fuse_ops: bool = True,
+                    use_cinn: bool = False, onednn: bool = True, fuse_ops: bool = True, cpu_kernels: bool = True,
                     expand_broadcasts: bool = True, keep_buffers_limit_mb: float = 512.0,
                     precision: str = "float32") -> CompiledTransformer:
     """Export the transformer with ``paddle.jit.save`` and run it with a Paddle Inference predictor.
@@ -334,7 +334,11 @@ def build_predictor(model: nn.Layer, save_dir: Union[str, Path, None] = None, th
         onednn: CPU only: oneDNN's fc fusions (matmul + bias (+ gelu) -> one ``fc`` op), every other op on
             Paddle's kernels. The linear bias adds are then left out of the broadcast expansion.
         fuse_ops: CPU only: replace RMSNorm and attention subgraphs by Paddle's fused CPU kernels
-            (:func:`cpu_graph.fuse_rms_norm`, :func:`cpu_graph.fuse_attention`; float32).
+            (:func:`cpu_graph.fuse_rms_norm`, :func:`cpu_graph.fuse_attention`; float32) and reshapes of
+            intermediate values by in-place ones (:func:`cpu_graph.reshape_in_place`).
+        cpu_kernels: CPU only: replace the adaLN modulations, gated residuals and rotary embeddings by the
+            project's fused kernels (``kernel_fusions.py``; built with the C++ compiler on first use, skipped with
+            one logged line where that is impossible).
         expand_broadcasts: CPU only: apply :func:`cpu_graph.expand_broadcast_operands` to the saved graph.
         keep_buffers_limit_mb: CPU only: keep all intermediate buffers between calls (no per-call free /
             allocate, see :class:`_PredictorRun`) when they need at most this much memory at the first call's
@@ -359,10 +363,11 @@ def build_predictor(model: nn.Layer, save_dir: Union[str, Path, None] = None, th
     prefix.parent.mkdir(parents=True, exist_ok=True)
     paddle.jit.save(_static_graph(model, use_cinn=use_cinn, announce=use_cinn), str(prefix))
     on_gpu = _on_gpu()
-    rewrites = {"rms_norm": 0, "attention": 0, "expanded": 0}
+    rewrites = {}
     if not on_gpu:
         rewrites = rewrite_for_cpu(prefix.with_suffix(".json"), fuse_norms=fuse_ops, fuse_attentions=fuse_ops,
-                                   expand_broadcasts=expand_broadcasts, keep_linear_bias=onednn)
+                                   fuse_kernels=cpu_kernels, expand_broadcasts=expand_broadcasts,
+                                   in_place_reshapes=fuse_ops, keep_linear_bias=onednn)
     predictor = paddle.inference.create_predictor(_predictor_config(prefix, threads, use_cinn, onednn))
     input_names = predictor.get_input_names()
     expected = list(_INPUT_NAMES[: len(transformer_input_spec(model))])
@@ -375,6 +380,6 @@ def build_predictor(model: nn.Layer, save_dir: Union[str, Path, None] = None, th
     compiled.onednn = onednn
     compiled.precision = precision
     compiled.rewrites = rewrites
-    compiled.expanded_operands = rewrites["expanded"]
+    compiled.expanded_operands = rewrites.get("expanded", 0)
     compiled._keep_alive = keep_alive
     return compiled

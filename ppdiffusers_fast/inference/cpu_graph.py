@@ -9,97 +9,24 @@ rounding aside), and leaves every other op as it is:
 - :func:`fuse_attention`: ``transpose(softmax(s * q_t k_t^T) v_t)`` over ``[B, L, H, D]`` (seven ops and the
   ``[B, H, L, L]`` score maps) -> ``self_dp_attention(stack([q, k, v], 2))``, Paddle's fused CPU attention.
 - :func:`expand_broadcast_operands`: a broadcasting ``*, +, -, /`` gets its small operand expanded first.
+- :func:`reshape_in_place`: a ``reshape`` whose input dies with it becomes ``reshape_`` (no copy).
 
-:func:`rewrite_for_cpu` applies them in that order (the first two look for the unexpanded patterns).
+:func:`rewrite_for_cpu` applies them in that order, with the fusions into the project's own kernels
+(``kernel_fusions.py``: adaLN modulation, gated residuals, rotary embedding, packed attention input) before the
+expansion (every fusion looks for the unexpanded patterns), and :func:`reshape_in_place` last.
 """
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Dict
 
 import paddle
+
+from .pir_program import (KEPT_OPS, constant, has_one_user, int_list, is_float32, only_user, producer,
+                          rewrite_program, same_shape)
 
 __all__ = ["rewrite_for_cpu", "fuse_rms_norm", "fuse_attention", "expand_broadcast_operands",
            "attention_fusion_available"]
 
 _BROADCAST_OPS = ("pd_op.multiply", "pd_op.add", "pd_op.subtract", "pd_op.divide")
-_KEPT_OPS = ("builtin.parameter", "builtin.constant", "pd_op.data", "builtin.shadow_output", "pd_op.fetch")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading, saving and walking a program
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _rewrite_program(model_file: Path, rewrite: Callable) -> int:
-    """Load the PIR JSON ``model_file``, apply ``rewrite(program) -> count`` under its program guard, drop ops
-    left without users, save it back. Returns the count (0, file untouched, for a program that is not JSON)."""
-    model_file = Path(model_file)
-    if model_file.suffix != ".json":
-        return 0
-    was_dynamic = paddle.in_dynamic_mode()
-    paddle.enable_static()
-    try:
-        program = paddle.static.Program()
-        paddle.base.core.deserialize_pir_program(str(model_file), program)
-        with paddle.static.program_guard(program):
-            count = rewrite(program)
-        if count:
-            _erase_dead_ops(program)
-            paddle.base.core.serialize_pir_program(program, str(model_file), True, False, True)
-    finally:
-        if was_dynamic:
-            paddle.disable_static()
-    return count
-
-
-def _erase_dead_ops(program) -> None:
-    """Remove ops whose results are all unused (repeatedly, last op first); graph inputs, parameters and
-    outputs stay."""
-    block = program.global_block()
-    changed = True
-    while changed:
-        changed = False
-        for op in reversed(list(block.ops)):
-            if op.name() in _KEPT_OPS or not op.num_results():
-                continue
-            if all(op.result(index).use_empty() for index in range(op.num_results())):
-                op.erase()
-                changed = True
-
-
-def _producer(value, *names: str):
-    """The op defining ``value`` when its name is one of ``names``, else None."""
-    op = value.get_defining_op()
-    return op if op is not None and op.name() in names else None
-
-
-def _only_user(value, name: str):
-    """The single op reading ``value`` when it is a ``name`` op, else None."""
-    users = value.all_used_ops()
-    return users[0] if len(users) == 1 and users[0].name() == name else None
-
-
-def _has_one_user(value) -> bool:
-    return len(value.all_used_ops()) == 1
-
-
-def _constant(value) -> Optional[float]:
-    """The number held by a one-element ``pd_op.full`` ``value``, else None."""
-    op = _producer(value, "pd_op.full")
-    return None if op is None else float(op.attrs()["value"])
-
-
-def _int_list(value) -> Optional[list]:
-    """The integers of a ``pd_op.full_int_array`` ``value``, else None."""
-    op = _producer(value, "pd_op.full_int_array")
-    return None if op is None else [int(v) for v in op.attrs()["value"]]
-
-
-def _is_float32(*values) -> bool:
-    return all(value.dtype == paddle.float32 for value in values)
-
-
-def _same_shape(a, b) -> bool:
-    return list(a) == list(b)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -114,31 +41,31 @@ def _match_rms_norm(op):
         return None
     for normed, weight in ((op.operand_source(0), op.operand_source(1)),
                            (op.operand_source(1), op.operand_source(0))):
-        scaled = _producer(normed, "pd_op.multiply")
-        if scaled is None or len(weight.shape) != 1 or not _has_one_user(normed):
+        scaled = producer(normed, "pd_op.multiply")
+        if scaled is None or len(weight.shape) != 1 or not has_one_user(normed):
             continue
         for x, inv_rms in ((scaled.operand_source(0), scaled.operand_source(1)),
                            (scaled.operand_source(1), scaled.operand_source(0))):
-            rsqrt = _producer(inv_rms, "pd_op.rsqrt")
-            if rsqrt is None or not _has_one_user(inv_rms) or not x.shape or weight.shape[0] != x.shape[-1]:
+            rsqrt = producer(inv_rms, "pd_op.rsqrt")
+            if rsqrt is None or not has_one_user(inv_rms) or not x.shape or weight.shape[0] != x.shape[-1]:
                 continue
-            shifted = _producer(rsqrt.operand_source(0), "pd_op.scale")
-            if shifted is None or not _has_one_user(rsqrt.operand_source(0)):
+            shifted = producer(rsqrt.operand_source(0), "pd_op.scale")
+            if shifted is None or not has_one_user(rsqrt.operand_source(0)):
                 continue
-            if _constant(shifted.operand_source(1)) != 1.0 or not shifted.attrs()["bias_after_scale"]:
+            if constant(shifted.operand_source(1)) != 1.0 or not shifted.attrs()["bias_after_scale"]:
                 continue
             eps = float(shifted.attrs()["bias"])
-            mean = _producer(shifted.operand_source(0), "pd_op.mean")
-            if mean is None or not mean.attrs()["keepdim"] or not _has_one_user(shifted.operand_source(0)):
+            mean = producer(shifted.operand_source(0), "pd_op.mean")
+            if mean is None or not mean.attrs()["keepdim"] or not has_one_user(shifted.operand_source(0)):
                 continue
-            if _int_list(mean.operand_source(1)) not in ([-1], [len(x.shape) - 1]):
+            if int_list(mean.operand_source(1)) not in ([-1], [len(x.shape) - 1]):
                 continue
-            square = _producer(mean.operand_source(0), "pd_op.multiply")
-            if square is None or not _has_one_user(mean.operand_source(0)):
+            square = producer(mean.operand_source(0), "pd_op.multiply")
+            if square is None or not has_one_user(mean.operand_source(0)):
                 continue
             if not (square.operand_source(0).is_same(x) and square.operand_source(1).is_same(x)):
                 continue
-            if _is_float32(x, weight) and x.shape[-1] > 0:
+            if is_float32(x, weight) and x.shape[-1] > 0:
                 return x, weight, eps
     return None
 
@@ -163,7 +90,7 @@ def fuse_rms_norm(model_file: Path) -> int:
             fused += 1
         return fused
 
-    return _rewrite_program(model_file, rewrite)
+    return rewrite_program(model_file, rewrite)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -179,7 +106,7 @@ def attention_fusion_available() -> bool:
 
 def _transposed_heads_source(value):
     """``x`` when ``value = transpose(x, [0, 2, 1, 3])`` (``[B, L, H, D] -> [B, H, L, D]``), else None."""
-    op = _producer(value, "pd_op.transpose")
+    op = producer(value, "pd_op.transpose")
     if op is None or [int(p) for p in op.attrs()["perm"]] != [0, 2, 1, 3]:
         return None
     return op.operand_source(0)
@@ -192,28 +119,28 @@ def _match_attention(softmax):
     if int(softmax.attrs()["axis"]) not in (-1, 3):
         return None
     scores, scale = softmax.operand_source(0), 1.0
-    scale_op = _producer(scores, "pd_op.scale")
+    scale_op = producer(scores, "pd_op.scale")
     if scale_op is not None:
-        factor = _constant(scale_op.operand_source(1))
-        if factor is None or float(scale_op.attrs()["bias"]) != 0.0 or not _has_one_user(scores):
+        factor = constant(scale_op.operand_source(1))
+        if factor is None or float(scale_op.attrs()["bias"]) != 0.0 or not has_one_user(scores):
             return None
         scale, scores = factor, scale_op.operand_source(0)
-    if not _has_one_user(scores):
+    if not has_one_user(scores):
         return None
-    qk = _producer(scores, "pd_op.matmul")
-    pv = _only_user(softmax.result(0), "pd_op.matmul")
+    qk = producer(scores, "pd_op.matmul")
+    pv = only_user(softmax.result(0), "pd_op.matmul")
     if qk is None or pv is None or not pv.operand_source(0).is_same(softmax.result(0)):
         return None
     if qk.attrs()["transpose_x"] or not qk.attrs()["transpose_y"]:
         return None
     if pv.attrs()["transpose_x"] or pv.attrs()["transpose_y"]:
         return None
-    last = _only_user(pv.result(0), "pd_op.transpose")
+    last = only_user(pv.result(0), "pd_op.transpose")
     if last is None or [int(p) for p in last.attrs()["perm"]] != [0, 2, 1, 3]:
         return None
     q, k, v = (_transposed_heads_source(value) for value in
                (qk.operand_source(0), qk.operand_source(1), pv.operand_source(1)))
-    if q is None or k is None or v is None or not _is_float32(q, k, v):
+    if q is None or k is None or v is None or not is_float32(q, k, v):
         return None
     shapes = [list(x.shape) for x in (q, k, v)]
     if any(len(shape) != 4 or shape[2] <= 0 or shape[3] <= 0 or shape[2:] != shapes[0][2:] for shape in shapes):
@@ -244,7 +171,7 @@ def fuse_attention(model_file: Path) -> int:
             fused += 1
         return fused
 
-    return _rewrite_program(model_file, rewrite)
+    return rewrite_program(model_file, rewrite)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,7 +182,7 @@ def fuse_attention(model_file: Path) -> int:
 def _is_linear_bias_add(op) -> bool:
     """``add(matmul(x, W), b)`` with a 1-D ``b``: what oneDNN's fc fusion turns into one ``fc`` op."""
     return (op.name() == "pd_op.add" and len(op.operand_source(1).shape) == 1
-            and _producer(op.operand_source(0), "pd_op.matmul") is not None)
+            and producer(op.operand_source(0), "pd_op.matmul") is not None)
 
 
 def expand_broadcast_operands(model_file: Path, keep_linear_bias: bool = False) -> int:
@@ -278,27 +205,66 @@ def expand_broadcast_operands(model_file: Path, keep_linear_bias: bool = False) 
             if op.name() not in _BROADCAST_OPS:
                 continue
             a, b, out = op.operand_source(0), op.operand_source(1), op.result(0)
-            if _same_shape(a.shape, b.shape) or (keep_linear_bias and _is_linear_bias_add(op)):
+            if same_shape(a.shape, b.shape) or (keep_linear_bias and _is_linear_bias_add(op)):
                 continue
             for index, (full, small) in enumerate(((a, b), (b, a))):
-                if _same_shape(full.shape, out.shape):
+                if same_shape(full.shape, out.shape):
                     paddle.pir.set_insertion_point(op)
                     op.operand(1 - index).set_source(paddle.expand_as(small, full))
                     expanded += 1
                     break
         return expanded
 
-    return _rewrite_program(model_file, rewrite)
+    return rewrite_program(model_file, rewrite)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reshapes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def reshape_in_place(model_file: Path) -> int:
+    """Every ``reshape`` whose input has no other reader and is computed in the graph becomes ``reshape_``.
+
+    Paddle's CPU ``reshape`` copies its input into a new buffer (a full pass over e.g. the ``[B, L, H * D]``
+    output of every q / k / v projection); the in-place form relabels the shape of the same buffer. Paddle
+    Inference's general in-place pass stays off (see ``compile._predictor_config``); this one touches only
+    reshapes whose input dies with them. Returns the number of reshapes rewritten."""
+
+    def rewrite(program):
+        rewritten = 0
+        for op in list(program.global_block().ops):
+            if op.name() != "pd_op.reshape":
+                continue
+            x, shape = op.operand_source(0), int_list(op.operand_source(1))
+            source = x.get_defining_op()
+            if shape is None or source is None or source.name() in KEPT_OPS or not has_one_user(x):
+                continue
+            paddle.pir.set_insertion_point(op)
+            op.result(0).replace_all_uses_with(paddle._C_ops.reshape_(x, shape))
+            rewritten += 1
+        return rewritten
+
+    return rewrite_program(model_file, rewrite)
 
 
 def rewrite_for_cpu(model_file: Path, fuse_norms: bool = True, fuse_attentions: bool = True,
-                    expand_broadcasts: bool = True, keep_linear_bias: bool = False) -> Dict[str, int]:
-    """Apply the rewrites of this module to ``model_file`` in place. Returns ``{rewrite: count}``."""
-    counts = {"rms_norm": 0, "attention": 0, "expanded": 0}
+                    fuse_kernels: bool = True, expand_broadcasts: bool = True, in_place_reshapes: bool = True,
+                    keep_linear_bias: bool = False) -> Dict[str, int]:
+    """Apply the rewrites of this module, and with ``fuse_kernels`` those of ``kernel_fusions.py`` (the project's
+    own CPU kernels, when they can be built), to ``model_file`` in place. Returns ``{rewrite: count}``."""
+    from .kernel_fusions import KERNEL_FUSIONS, fuse_with_cpu_kernels
+
+    counts = {"rms_norm": 0, "attention": 0, **{name: 0 for name in KERNEL_FUSIONS}, "expanded": 0,
+              "reshape_in_place": 0}
     if fuse_norms:
         counts["rms_norm"] = fuse_rms_norm(model_file)
     if fuse_attentions:
         counts["attention"] = fuse_attention(model_file)
+    if fuse_kernels:
+        counts.update(fuse_with_cpu_kernels(model_file))
     if expand_broadcasts:
         counts["expanded"] = expand_broadcast_operands(model_file, keep_linear_bias=keep_linear_bias)
+    if in_place_reshapes:
+        counts["reshape_in_place"] = reshape_in_place(model_file)
     return counts

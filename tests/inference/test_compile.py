@@ -93,9 +93,11 @@ def test_predictor_output_survives_a_later_call_with_the_same_shapes(model, pred
         assert np.abs(second.numpy() - kept).max() > 1e-3  # different inputs, different outputs
 
 
-def test_saved_graph_has_no_broadcasting_elementwise_op_left(predictor):
-    """Every +, -, *, / whose operands differ in shape while one has the output's shape reads an expand_as,
-    except the bias adds of linear layers (matmul output + 1-D bias), which oneDNN fuses into fc."""
+def test_saved_graph_has_no_broadcasting_elementwise_op_left(model, tmp_path):
+    """Without the project's kernels (which take the modulation, gate and rotary broadcasts themselves), every
+    +, -, *, / whose operands differ in shape while one has the output's shape reads an expand_as, except the bias
+    adds of linear layers (matmul output + 1-D bias), which oneDNN fuses into fc."""
+    predictor = build_predictor(model, tmp_path, cpu_kernels=False)
     assert predictor.expanded_operands > 0 and predictor.onednn
     paddle.enable_static()
     try:
@@ -115,6 +117,21 @@ def test_saved_graph_has_no_broadcasting_elementwise_op_left(predictor):
         assert bias_adds >= 3 * 4  # at least q, k, v and one more linear per block
     finally:
         paddle.disable_static()
+
+
+def test_default_predictor_runs_the_project_kernels(predictor):
+    """1 double + 2 single blocks: 4 + 2 adaLN modulations and the output norm, 4 + 2 gates, q and k rotations
+    of 3 attentions, each packed with v; no broadcast left to expand; 3 q/k/v reshapes per block in place."""
+    from ppdiffusers_fast.inference.cpu_graph import attention_fusion_available
+    from ppdiffusers_fast.inference.cpu_kernels import load_cpu_kernels
+
+    if load_cpu_kernels() is None:
+        pytest.skip("no C++ compiler: the predictor keeps Paddle's ops")
+    rewrites = predictor.rewrites
+    assert (rewrites["layer_norm_modulate"], rewrites["gated_residual"], rewrites["rope"]) == (7, 6, 6)
+    assert rewrites["rope_pack_qkv"] == (3 if attention_fusion_available() else 0)  # packs self_dp_attention's input
+    assert rewrites["expanded"] == 0
+    assert rewrites["reshape_in_place"] >= 3 * 3
 
 
 def test_kept_buffer_estimate_by_hand():
