@@ -1,8 +1,9 @@
 """Benchmark the three ways of running the FLUX transformer, on small configs and the same inputs, in one run.
 
 1. Transformer alone, per preset: dygraph, ``paddle.jit.to_static`` (CINN where Paddle has it) and the Paddle
-   Inference predictor (``inference/compile.py``: RMSNorm and attention fused, oneDNN fc, broadcast operands
-   expanded, buffers kept between calls), plus, on CPUs with native bfloat16, the predictor with bfloat16
+   Inference predictor (``inference/compile.py``: RMSNorm and attention fused, the project's C++ kernels for
+   modulation, gates, rotary embedding and q / k / v packing, oneDNN fc, in-place reshapes, buffers kept between
+   calls), plus, on CPUs with native bfloat16, the predictor with bfloat16
    matrix products (its own row and summary line, with its output difference; not a float32 speed-up).
    Prints for each the median process CPU time and wall time per call, the speed-ups over dygraph and the
    largest output difference to dygraph. On a machine shared with other jobs the CPU time

@@ -12,17 +12,19 @@ Both entry points return a :class:`CompiledTransformer`, called like ``FluxTrans
 - :func:`build_predictor`: ``paddle.jit.save`` of that static graph, then ``paddle.inference`` with the IR
   optimisations (on the GPU when Paddle has one). On CPU, measured changes to Paddle's defaults:
   the saved graph is rewritten (``cpu_graph.py``): each RMSNorm becomes one ``rms_norm`` op and each attention
-  one ``self_dp_attention`` op (Paddle's fused AVX-512 CPU attention: no ``[B, H, L, L]`` maps), and
-  broadcasting elementwise ops get their small operand expanded first (Paddle's CPU broadcast kernels are
-  5-10x slower than expand + same-shape op); oneDNN fuses every linear layer (matmul + bias (+ gelu)) into one
-  ``fc`` op while every other op stays on Paddle's kernels (oneDNN's placement of all ops was 1.4x slower);
-  intermediate buffers are kept between calls instead of being freed and allocated again by a
-  garbage-collection thread (:class:`_PredictorRun`). ``precision="bfloat16"`` (CPUs with AMX /
+  one ``self_dp_attention`` op (Paddle's fused AVX-512 CPU attention: no ``[B, H, L, L]`` maps); the adaLN
+  modulations, gated residuals, rotary embeddings and the packing of q / k / v run as the project's own fused C++
+  kernels (``cpu_kernels.cc``, compiled on first use, ``kernel_fusions.py``); broadcasting elementwise ops left
+  over get their small operand expanded first (Paddle's CPU broadcast kernels are 5-10x slower than expand +
+  same-shape op); reshapes of values that die with them run in place (no copy); oneDNN fuses every linear layer
+  (matmul + bias (+ gelu)) into one ``fc`` op while every other op stays on Paddle's kernels (oneDNN's placement
+  of all ops was 1.4x slower); intermediate buffers are kept between calls instead of being freed and allocated
+  again by a garbage-collection thread (:class:`_PredictorRun`). ``precision="bfloat16"`` (CPUs with AMX /
   AVX512-BF16) also lets the fc products use bfloat16 inputs (:class:`_OneDNNMathMode`).
-  Measured CPU time on 1 thread (``scripts/benchmark_inference.py``, float32): 1.45-1.5x faster than dygraph
-  for a 4.85 M-parameter transformer at 320 tokens (fc products and the fused attention, at the CPU's float32
-  peak in both paths, are two thirds of the predictor's time), see the script for the other presets;
-  bfloat16 products: about 1.9x at a relative output difference of ~4e-3.
+  Measured CPU time on 1 thread (``scripts/benchmark_inference.py``, float32): 1.77x faster than dygraph for a
+  4.85 M-parameter transformer at 256 + 64 tokens (fc products and the fused attention, at the CPU's float32
+  peak in both paths, are 80% of the predictor's time), 2.42x for the same model on 32x32 images (batch 16),
+  3.0x for the demo transformer; bfloat16 products: 2.4x / 3.6x / 3.2x at a relative output difference of ~4e-3.
 
 Input shapes are dynamic in the batch, image-token and text-token dimensions (``InputSpec`` with ``None``),
 so one compiled graph serves every resolution and batch size.
