@@ -3,15 +3,16 @@
 // Each kernel does in one pass over a [B, L, C] (or [B, L, H, D]) tensor what the exported graph does in 4-8
 // separate ops (each its own pass, plus the expansion of the broadcast operand). They are inserted by
 // ppdiffusers_fast/inference/kernel_fusions.py; ppdiffusers_fast/inference/cpu_kernels.py compiles and loads
-// them. Built with -ffp-contract=off: every product and sum is rounded as in the unfused ops.
+// them. Built with -ffp-contract=off (no fused multiply-adds): the gate, rotary and packing kernels round every
+// product and sum as the unfused ops do; the LayerNorm's mean and variance sum in another order (~1e-7 relative).
 //
 //   flux_layer_norm_modulate  out = LN(x) * scale + shift           (adaLN, DiT (Peebles & Xie 2023): scale = 1 + s)
 //   flux_gated_residual       out = residual + gate * y             (adaLN-Zero gate)
 //   flux_rope                 out = x * cos + rot(x) * sin          (RoFormer eq. 34, pairs (2j, 2j + 1))
 //   flux_rope_pack_qkv        [B, L, 3, H, D] = stack([rope(q), rope(k), v], 2), q / k / v given as sequence parts
 //                             concatenated along L (text then image tokens): the input of self_dp_attention
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
