@@ -149,7 +149,7 @@ class ClipEmbedder:
         load_torch_layout_weights(self.model, _read_safetensors_folder(folder), f"CLIP weights in {folder}")
         if dtype != "float32":
             self.model.to(dtype=dtype)
-        self.model.eval()
+        self.model.eval()  # trusted: nn.Layer.eval() (inference mode), not Python eval
         self.tokenizer = CLIPTokenizer.from_pretrained(folder)
         self.max_length = int(config.text_config.max_position_embeddings)
         self.preprocess = ClipImagePreprocessor.from_folder(folder)
