@@ -338,9 +338,9 @@ def build_predictor(model: nn.Layer, save_dir: Union[str, Path, None] = None, th
         fuse_ops: CPU only: replace RMSNorm and attention subgraphs by Paddle's fused CPU kernels
             (:func:`cpu_graph.fuse_rms_norm`, :func:`cpu_graph.fuse_attention`; float32) and reshapes of
             intermediate values by in-place ones (:func:`cpu_graph.reshape_in_place`).
-        cpu_kernels: CPU only: replace the adaLN modulations, gated residuals and rotary embeddings by the
-            project's fused kernels (``kernel_fusions.py``; built with the C++ compiler on first use, skipped with
-            one logged line where that is impossible).
+        cpu_kernels: CPU only: replace the adaLN modulations, gated residuals, rotary embeddings and the packing
+            of q / k / v by the project's fused kernels (``kernel_fusions.py``; built with the C++ compiler on
+            first use, skipped with one logged line where that is impossible).
         expand_broadcasts: CPU only: apply :func:`cpu_graph.expand_broadcast_operands` to the saved graph.
         keep_buffers_limit_mb: CPU only: keep all intermediate buffers between calls (no per-call free /
             allocate, see :class:`_PredictorRun`) when they need at most this much memory at the first call's

@@ -21,7 +21,7 @@ from typing import Dict
 import paddle
 
 from .pir_program import (KEPT_OPS, constant, has_one_user, int_list, is_float32, only_user, producer,
-                          rewrite_program, same_shape)
+                          replace_matches, rewrite_program, same_shape)
 
 __all__ = ["rewrite_for_cpu", "fuse_rms_norm", "fuse_attention", "expand_broadcast_operands",
            "attention_fusion_available"]
@@ -75,22 +75,16 @@ def fuse_rms_norm(model_file: Path) -> int:
     CPU kernel: one pass computing the mean of squares, one writing the output, instead of six ops with two
     broadcasts). Returns the number of norms fused."""
 
-    def rewrite(program):
-        from paddle.incubate.nn.functional import fused_rms_norm
+    from paddle.incubate.nn.functional import fused_rms_norm
 
-        fused = 0
-        for op in list(program.global_block().ops):
-            match = _match_rms_norm(op)
-            if match is None:
-                continue
-            x, weight, eps = match
-            paddle.pir.set_insertion_point(op)
-            normed = fused_rms_norm(x, weight, None, eps, len(x.shape) - 1)[0]
-            op.result(0).replace_all_uses_with(normed)
-            fused += 1
-        return fused
+    def match(op):
+        found = _match_rms_norm(op)
+        return None if found is None else (op, found)
 
-    return rewrite_program(model_file, rewrite)
+    def build(x, weight, eps):
+        return fused_rms_norm(x, weight, None, eps, len(x.shape) - 1)[0]
+
+    return replace_matches(model_file, match, build)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -157,21 +151,14 @@ def fuse_attention(model_file: Path) -> int:
     if not attention_fusion_available():
         return 0
 
-    def rewrite(program):
-        fused = 0
-        for op in list(program.global_block().ops):
-            match = _match_attention(op) if op.name() == "pd_op.softmax" else None
-            if match is None:
-                continue
-            q, k, v, scale, last = match
-            paddle.pir.set_insertion_point(last)
-            packed = paddle.stack([q, k, v], axis=2)
-            attended = paddle._C_ops.self_dp_attention(packed, scale, int(q.shape[2]))
-            last.result(0).replace_all_uses_with(attended)
-            fused += 1
-        return fused
+    def match(op):
+        found = _match_attention(op) if op.name() == "pd_op.softmax" else None
+        return None if found is None else (found[-1], found[:-1])
 
-    return rewrite_program(model_file, rewrite)
+    def build(q, k, v, scale):
+        return paddle._C_ops.self_dp_attention(paddle.stack([q, k, v], axis=2), scale, int(q.shape[2]))
+
+    return replace_matches(model_file, match, build)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -231,21 +218,16 @@ def reshape_in_place(model_file: Path) -> int:
     Inference's general in-place pass stays off (see ``compile._predictor_config``); this one touches only
     reshapes whose input dies with them. Returns the number of reshapes rewritten."""
 
-    def rewrite(program):
-        rewritten = 0
-        for op in list(program.global_block().ops):
-            if op.name() != "pd_op.reshape":
-                continue
-            x, shape = op.operand_source(0), int_list(op.operand_source(1))
-            source = x.get_defining_op()
-            if shape is None or source is None or source.name() in KEPT_OPS or not has_one_user(x):
-                continue
-            paddle.pir.set_insertion_point(op)
-            op.result(0).replace_all_uses_with(paddle._C_ops.reshape_(x, shape))
-            rewritten += 1
-        return rewritten
+    def match(op):
+        if op.name() != "pd_op.reshape":
+            return None
+        x, shape = op.operand_source(0), int_list(op.operand_source(1))
+        source = x.get_defining_op()
+        if shape is None or source is None or source.name() in KEPT_OPS or not has_one_user(x):
+            return None
+        return op, (x, shape)
 
-    return rewrite_program(model_file, rewrite)
+    return replace_matches(model_file, match, paddle._C_ops.reshape_)
 
 
 def rewrite_for_cpu(model_file: Path, fuse_norms: bool = True, fuse_attentions: bool = True,

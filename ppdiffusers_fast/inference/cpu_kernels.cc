@@ -42,27 +42,17 @@ int64_t SampleVectorStride(const paddle::Tensor& v, int64_t batch, int64_t chann
   return s[0] == 1 ? 0 : channels;
 }
 
-// Reductions over one row with kLanes independent partial sums (vectorised without reordering any one sum).
+// sum_c term(row[c]) with kLanes independent partial sums (vectorised without reordering any one sum).
 constexpr int64_t kLanes = 16;
 
-float RowSum(const float* __restrict row, int64_t n) {
+template <typename Term>
+float LaneSum(const float* __restrict row, int64_t n, Term term) {
   float lanes[kLanes] = {0.f};
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes)
-    for (int64_t k = 0; k < kLanes; ++k) lanes[k] += row[c + k];
+    for (int64_t k = 0; k < kLanes; ++k) lanes[k] += term(row[c + k]);
   float sum = 0.f;
-  for (; c < n; ++c) sum += row[c];
-  for (int64_t k = 0; k < kLanes; ++k) sum += lanes[k];
-  return sum;
-}
-
-float RowSquaredDeviation(const float* __restrict row, int64_t n, float mean) {
-  float lanes[kLanes] = {0.f};
-  int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes)
-    for (int64_t k = 0; k < kLanes; ++k) lanes[k] += (row[c + k] - mean) * (row[c + k] - mean);
-  float sum = 0.f;
-  for (; c < n; ++c) sum += (row[c] - mean) * (row[c] - mean);
+  for (; c < n; ++c) sum += term(row[c]);
   for (int64_t k = 0; k < kLanes; ++k) sum += lanes[k];
   return sum;
 }
@@ -75,6 +65,16 @@ inline void RotatePairs(const float* __restrict v, const float* __restrict c, co
     o[j] = v[j] * c[j] + v[j + 1] * n[j];
     o[j + 1] = v[j + 1] * c[j + 1] + v[j] * n[j + 1];
   }
+}
+
+// cos / sin of the rotary embedding: float32 [1, length, 1, dim].
+void CheckRopeTables(const paddle::Tensor& cos, const paddle::Tensor& sin, int64_t length, int64_t dim,
+                     const char* op) {
+  CheckFloat32(cos, op, "cos");
+  CheckFloat32(sin, op, "sin");
+  const std::vector<int64_t> table{1, length, 1, dim};
+  PD_CHECK(cos.shape() == table && sin.shape() == table, op, ": cos and sin must be ", ShapeText(table), ", got ",
+           ShapeText(cos.shape()), " and ", ShapeText(sin.shape()));
 }
 
 // sin [1, L, 1, D] with its even channels negated, for RotatePairs.
@@ -107,8 +107,9 @@ std::vector<paddle::Tensor> LayerNormModulate(const paddle::Tensor& x, const pad
     for (int64_t l = 0; l < length; ++l) {
       const float* __restrict row = xs + (b * length + l) * channels;
       float* __restrict o = os + (b * length + l) * channels;
-      const float mean = RowSum(row, channels) / channels;
-      const float inv_std = 1.f / std::sqrt(RowSquaredDeviation(row, channels, mean) / channels + epsilon);
+      const float mean = LaneSum(row, channels, [](float v) { return v; }) / channels;
+      const float variance = LaneSum(row, channels, [mean](float v) { return (v - mean) * (v - mean); }) / channels;
+      const float inv_std = 1.f / std::sqrt(variance + epsilon);
       for (int64_t c = 0; c < channels; ++c) o[c] = (row[c] - mean) * inv_std * sc[c] + sh[c];
     }
   }
@@ -146,14 +147,10 @@ std::vector<paddle::Tensor> GatedResidual(const paddle::Tensor& residual, const 
 std::vector<paddle::Tensor> Rope(const paddle::Tensor& x, const paddle::Tensor& cos, const paddle::Tensor& sin) {
   const char* op = "flux_rope";
   CheckFloat32(x, op, "x");
-  CheckFloat32(cos, op, "cos");
-  CheckFloat32(sin, op, "sin");
   const auto& s = x.shape();
   PD_CHECK(s.size() == 4 && s[3] % 2 == 0, op, ": x must be [B, L, H, D] with an even D, got ", ShapeText(s));
   const int64_t batch = s[0], length = s[1], heads = s[2], dim = s[3];
-  const std::vector<int64_t> table{1, length, 1, dim};
-  PD_CHECK(cos.shape() == table && sin.shape() == table, op, ": cos and sin must be ", ShapeText(table), ", got ",
-           ShapeText(cos.shape()), " and ", ShapeText(sin.shape()));
+  CheckRopeTables(cos, sin, length, dim, op);
   const std::vector<float> signed_sin = SignedSin(sin);
   auto out = paddle::empty(s, x.dtype(), x.place());
   const float* __restrict xs = x.data<float>();
@@ -197,11 +194,7 @@ std::vector<paddle::Tensor> RopePackQkv(const std::vector<paddle::Tensor>& q_par
     }
     length += q_parts[i].shape()[1];
   }
-  CheckFloat32(cos, op, "cos");
-  CheckFloat32(sin, op, "sin");
-  const std::vector<int64_t> table{1, length, 1, dim};
-  PD_CHECK(cos.shape() == table && sin.shape() == table, op, ": cos and sin must be ", ShapeText(table), ", got ",
-           ShapeText(cos.shape()), " and ", ShapeText(sin.shape()));
+  CheckRopeTables(cos, sin, length, dim, op);
   const std::vector<float> signed_sin = SignedSin(sin);
   auto out = paddle::empty({batch, length, 3, heads, dim}, q_parts[0].dtype(), q_parts[0].place());
   float* __restrict os = out.data<float>();

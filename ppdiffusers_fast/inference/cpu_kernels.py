@@ -1,7 +1,7 @@
 """The fused CPU kernels of ``cpu_kernels.cc``: compiled on first use, loaded as Paddle custom operators.
 
 :func:`load_cpu_kernels` builds the C++ file with ``paddle.utils.cpp_extension.load`` (the C++ compiler and
-Paddle's own headers; about 10 s once) into a cache folder keyed by the source, the compile flags, the Paddle
+Paddle's own headers; about 15 s once) into a cache folder keyed by the source, the compile flags, the Paddle
 version and the CPU's instruction sets, and loads the library. The operators then exist for eager calls, for
 static programs and for Paddle Inference predictors created afterwards in this process:
 

@@ -27,10 +27,24 @@ import numpy as np
 
 from ..models.flux_embeddings import pair_rotation_matrix
 from .cpu_kernels import load_cpu_kernels
-from .pir_program import constant, has_one_user, int_list, is_float32, producer, rewrite_program
+from .pir_program import constant, has_one_user, int_list, is_float32, producer, replace_matches
 
 __all__ = ["fuse_with_cpu_kernels", "fuse_layer_norm_modulate", "fuse_gated_residual", "fuse_rope",
            "fuse_rope_pack_qkv", "KERNEL_FUSIONS"]
+
+
+def _fuse(model_file: Path, op_name: str, matcher, kernel_name: str) -> int:
+    """Replace every ``op_name`` op where ``matcher(op)`` gives the kernel's arguments by the kernel
+    ``kernel_name``; 0 when the kernels are unavailable."""
+    kernels = load_cpu_kernels()
+    if kernels is None:
+        return 0
+
+    def match(op):
+        found = matcher(op) if op.name() == op_name else None
+        return None if found is None else (op, found)
+
+    return replace_matches(model_file, match, getattr(kernels, kernel_name))
 
 
 def _operand_pairs(op):
@@ -77,25 +91,7 @@ def _match_layer_norm_modulate(add):
 
 def fuse_layer_norm_modulate(model_file: Path) -> int:
     """Every ``layer_norm(x) * scale + shift`` (adaLN) -> ``flux_layer_norm_modulate``. Returns the count."""
-    kernels = load_cpu_kernels()
-    if kernels is None:
-        return 0
-
-    def rewrite(program):
-        import paddle
-
-        fused = 0
-        for op in list(program.global_block().ops):
-            match = _match_layer_norm_modulate(op) if op.name() == "pd_op.add" else None
-            if match is None:
-                continue
-            x, scale, shift, epsilon = match
-            paddle.pir.set_insertion_point(op)
-            op.result(0).replace_all_uses_with(kernels.flux_layer_norm_modulate(x, scale, shift, epsilon))
-            fused += 1
-        return fused
-
-    return rewrite_program(model_file, rewrite)
+    return _fuse(model_file, "pd_op.add", _match_layer_norm_modulate, "flux_layer_norm_modulate")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,24 +118,7 @@ def _match_gated_residual(add):
 
 def fuse_gated_residual(model_file: Path) -> int:
     """Every ``residual + gate * y`` with a ``[B, 1, C]`` gate -> ``flux_gated_residual``. Returns the count."""
-    kernels = load_cpu_kernels()
-    if kernels is None:
-        return 0
-
-    def rewrite(program):
-        import paddle
-
-        fused = 0
-        for op in list(program.global_block().ops):
-            match = _match_gated_residual(op) if op.name() == "pd_op.add" else None
-            if match is None:
-                continue
-            paddle.pir.set_insertion_point(op)
-            op.result(0).replace_all_uses_with(kernels.flux_gated_residual(*match))
-            fused += 1
-        return fused
-
-    return rewrite_program(model_file, rewrite)
+    return _fuse(model_file, "pd_op.add", _match_gated_residual, "flux_gated_residual")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,24 +167,7 @@ def _match_rope(add):
 def fuse_rope(model_file: Path) -> int:
     """Every ``x * cos + (x @ R) * sin`` (rotary embedding with the pair-rotation constant) -> ``flux_rope``.
     Returns the count."""
-    kernels = load_cpu_kernels()
-    if kernels is None:
-        return 0
-
-    def rewrite(program):
-        import paddle
-
-        fused = 0
-        for op in list(program.global_block().ops):
-            match = _match_rope(op) if op.name() == "pd_op.add" else None
-            if match is None:
-                continue
-            paddle.pir.set_insertion_point(op)
-            op.result(0).replace_all_uses_with(kernels.flux_rope(*match))
-            fused += 1
-        return fused
-
-    return rewrite_program(model_file, rewrite)
+    return _fuse(model_file, "pd_op.add", _match_rope, "flux_rope")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,24 +221,7 @@ def _match_rope_pack_qkv(stack):
 
 def fuse_rope_pack_qkv(model_file: Path) -> int:
     """Every packed attention input built from ``flux_rope`` outputs -> ``flux_rope_pack_qkv``. Returns the count."""
-    kernels = load_cpu_kernels()
-    if kernels is None:
-        return 0
-
-    def rewrite(program):
-        import paddle
-
-        fused = 0
-        for op in list(program.global_block().ops):
-            match = _match_rope_pack_qkv(op) if op.name() == "pd_op.stack" else None
-            if match is None:
-                continue
-            paddle.pir.set_insertion_point(op)
-            op.result(0).replace_all_uses_with(kernels.flux_rope_pack_qkv(*match))
-            fused += 1
-        return fused
-
-    return rewrite_program(model_file, rewrite)
+    return _fuse(model_file, "pd_op.stack", _match_rope_pack_qkv, "flux_rope_pack_qkv")
 
 
 KERNEL_FUSIONS = {"layer_norm_modulate": fuse_layer_norm_modulate, "gated_residual": fuse_gated_residual,

@@ -5,8 +5,8 @@ from typing import Callable, Optional
 
 import paddle
 
-__all__ = ["rewrite_program", "erase_dead_ops", "producer", "only_user", "has_one_user", "constant", "int_list",
-           "is_float32", "same_shape", "KEPT_OPS"]
+__all__ = ["rewrite_program", "replace_matches", "erase_dead_ops", "producer", "only_user", "has_one_user",
+           "constant", "int_list", "is_float32", "same_shape", "KEPT_OPS"]
 
 KEPT_OPS = ("builtin.parameter", "builtin.constant", "pd_op.data", "builtin.shadow_output", "pd_op.fetch")
 
@@ -31,6 +31,26 @@ def rewrite_program(model_file: Path, rewrite: Callable) -> int:
         if was_dynamic:
             paddle.disable_static()
     return count
+
+
+def replace_matches(model_file: Path, match: Callable, build: Callable) -> int:
+    """For every op of ``model_file`` where ``match(op)`` gives ``(last_op, args)``: insert ``build(*args)`` just
+    before ``last_op`` and hand it the readers of ``last_op``'s first result (the matched ops then die and are
+    erased). Returns the number of replacements (see :func:`rewrite_program`)."""
+
+    def rewrite(program):
+        replaced = 0
+        for op in list(program.global_block().ops):
+            found = match(op)
+            if found is None:
+                continue
+            last_op, args = found
+            paddle.pir.set_insertion_point(last_op)
+            last_op.result(0).replace_all_uses_with(build(*args))
+            replaced += 1
+        return replaced
+
+    return rewrite_program(model_file, rewrite)
 
 
 def erase_dead_ops(program) -> None:
