@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo's ablation table (issue: the embedded demo): the teacher at 50 steps with other seeds (noise floor), the
+# The demo's ablation table: the teacher at 50 steps with other seeds (noise floor), the
 # teacher at 4 Euler steps, PCM, PCM + adversarial, PCM + adversarial + DMD (student fake score), the full
 # FLUX-Lightning recipe and DMD2 (adapter fake score), each distilled from the bundled tiny teacher with the same
 # data, seed and step budget, measured on the same evaluation seeds.
@@ -14,4 +14,4 @@
 set -euo pipefail
 PYTHON=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec "$PYTHON" -m ppdiffusers_fast.demo.ablation "$@"
+exec "$PYTHON" "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/examples/flux_lightning/run_demo_ablation.py" "$@"

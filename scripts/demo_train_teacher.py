@@ -4,16 +4,19 @@
 
 Writes model_index.json, scheduler/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, vae/,
 transformer/ (PyTorch-layout safetensors), digit_classifier.safetensors, demo_config.json, train_log.txt and
-teacher_samples.png. See ppdiffusers_fast/demo/train_teacher.py for the stages.
+teacher_samples.png. See examples/flux_lightning/demo/train_teacher.py for the stages.
 """
 import argparse
 import shlex
 import sys
 from dataclasses import fields
+from pathlib import Path
 
-import ppdiffusers_fast  # noqa: F401  (compatibility patches)
-from ppdiffusers_fast.demo.config import DEMO_MODEL_DIR, TeacherTrainingConfig
-from ppdiffusers_fast.demo.train_teacher import train_demo_teacher
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "flux_lightning"))
+
+import ppdiffusers_fast  # noqa: E402,F401  (compatibility patches)
+from demo.config import DEMO_MODEL_DIR, TeacherTrainingConfig  # noqa: E402  (the demo is example code)
+from demo.train_teacher import train_demo_teacher  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@
 #   TEACHER=... DATA_PATH=... bash scripts/train_flux_lightning.sh --adv_alternate
 #   TEACHER=... DATA_PATH=... bash scripts/train_flux_lightning.sh --dmd_fake_score adapter --dmd_fake_score_updates 5
 # DMD2 takes other flags: call examples/flux_lightning/train_flux_lightning_lora.py --method dmd2 directly.
-# No TEACHER: runs the bundled demo (python -m ppdiffusers_fast.demo) when the package has one.
+# No TEACHER: runs the CPU demo (python examples/flux_lightning/run_demo.py, arguments passed on) and says so.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}
@@ -48,15 +48,15 @@ The training entry point is $TRAIN_SCRIPT (see --help there).
 EOF
 }
 
+DEMO_SCRIPT="$REPO_ROOT/examples/flux_lightning/run_demo.py"
 if [[ -z "$TEACHER" ]]; then
-  if "$PYTHON" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('ppdiffusers_fast.demo.__main__') else 1)" \
-      2>/dev/null; then
-    echo "TEACHER is not set: running the bundled demo (python -m ppdiffusers_fast.demo)" >&2
+  if [[ -f "$DEMO_SCRIPT" ]]; then
+    echo "TEACHER is not set: running the CPU demo ($PYTHON $DEMO_SCRIPT $*; outputs in outputs/demo/)" >&2
     # The demo's matrices are too small for threads to pay: one thread per process is fastest on a small CPU.
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-    exec "$PYTHON" -m ppdiffusers_fast.demo "$@"
+    exec "$PYTHON" "$DEMO_SCRIPT" "$@"
   fi
-  echo "error: TEACHER is not set and this installation has no bundled demo (ppdiffusers_fast.demo)." >&2
+  echo "error: TEACHER is not set and there is no demo at $DEMO_SCRIPT." >&2
   usage
   exit 2
 fi

@@ -2,11 +2,19 @@
 
     python examples/flux_lightning/text_to_image_generation_flux_lightning.py \
         --pretrained_model_name_or_path /path/to/FLUX.1-dev --path_to_lora lora.safetensors \
-        --prompt "a cat" --step 4 --use_cinn
+        --prompt "a cat" --use_cinn
 
-All flags: ``--help``; the logic lives in ``ppdiffusers_fast.inference.generate_cli``.
+All flags: ``--help``; the logic lives in ``ppdiffusers_fast.inference.generate_cli``. With no
+``--pretrained_model_name_or_path`` the bundled demo model next to this file is used, with the demo student the
+quick start trained last (``outputs/demo/``) or the committed one (``demo/generation.py``).
 """
-from ppdiffusers_fast.inference.generate_cli import main
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from demo.generation import fill_demo_defaults  # noqa: E402  (the demo package sits next to this file)
+from ppdiffusers_fast.inference.generate_cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    main(fill_defaults=fill_demo_defaults)

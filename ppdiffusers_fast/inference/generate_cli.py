@@ -6,24 +6,21 @@ Paddle Inference predictor), writes one PNG per image and, with ``--benchmark``,
 and per transformer call after warm-up runs.
 """
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import paddle
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_MODEL = REPO_ROOT / "examples" / "flux_lightning" / "demo_model"
-DEMO_LORA = DEMO_MODEL / "student_lora.safetensors"
+FLUX_DEFAULTS = {"height": 1024, "width": 1024, "max_sequence_length": 512, "true_cfg_scale": 1.0}
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon, highly detailed"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Text-to-image with FLUX and a few-step (FLUX-Lightning) LoRA.")
     p.add_argument("--pretrained_model_name_or_path", default=None,
-                   help=f"local FLUX.1-dev-layout folder (default: the bundled demo model {DEMO_MODEL}, if present)")
+                   help="local FLUX.1-dev-layout folder (model_index.json, transformer/, vae/, text encoders, ...)")
     p.add_argument("--path_to_lora", default=None, help="LoRA safetensors (ours, diffusers/PEFT or kohya)")
     p.add_argument("--lora_scale", type=float, default=None,
                    help="LoRA multiplier (default: the LoRA's metadata, else 1)")
@@ -31,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt_file", default=None, help="text file with one prompt per line (blank lines skipped)")
     p.add_argument("--negative_prompt", default=None, help="negative prompt (used when --true_cfg_scale > 1)")
     p.add_argument("--true_cfg_scale", type=float, default=None,
-                   help="classifier-free guidance scale (default 1 = off; the demo teacher without a LoRA: its own)")
+                   help="classifier-free guidance scale (default 1 = off)")
     p.add_argument("--height", type=int, default=None, help="image height, a multiple of 16 (default 1024)")
     p.add_argument("--width", type=int, default=None, help="image width, a multiple of 16 (default 1024)")
     p.add_argument("--step", type=int, default=4, help="sampling steps (the LoRA's phase edges when they match)")
@@ -83,39 +80,19 @@ def _synchronize():
         paddle.device.synchronize()
 
 
-def resolve_model_paths(args) -> None:
-    """Fill the model / LoRA paths from the bundled demo model, or exit with what to pass."""
+def check_model_given(args) -> None:
+    """Exit with the flags to pass when no model folder was given."""
     if args.pretrained_model_name_or_path is None:
-        if not DEMO_MODEL.is_dir():
-            sys.exit("error: no model given and no bundled demo model at "
-                     f"{DEMO_MODEL}.\nPass a local FLUX.1-dev-layout folder and the student LoRA, e.g.\n"
-                     "  --pretrained_model_name_or_path /path/to/FLUX.1-dev "
-                     "--path_to_lora /path/to/flux_lightning_lora.safetensors\n"
-                     "(the folder holds model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/, "
-                     "tokenizer/, tokenizer_2/, scheduler/)")
-        args.pretrained_model_name_or_path = str(DEMO_MODEL)
-        if args.path_to_lora is None and DEMO_LORA.is_file():
-            args.path_to_lora = str(DEMO_LORA)
-    apply_model_defaults(args)
+        sys.exit("error: no model given.\nPass a local FLUX.1-dev-layout folder and the student LoRA, e.g.\n"
+                 "  --pretrained_model_name_or_path /path/to/FLUX.1-dev "
+                 "--path_to_lora /path/to/flux_lightning_lora.safetensors\n"
+                 "(the folder holds model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/, "
+                 "tokenizer/, tokenizer_2/, scheduler/)")
 
 
-def apply_model_defaults(args) -> None:
-    """Fill unset sampling flags: from the folder's ``demo_config.json`` (the bundled demo model) or FLUX.1-dev's.
-
-    The demo teacher has no guidance embedding and samples with true CFG against the empty prompt; a student LoRA
-    distilled from it has the guidance built in, so CFG stays off when a LoRA is given.
-    """
-    defaults = {"height": 1024, "width": 1024, "max_sequence_length": 512, "true_cfg_scale": 1.0, "prompt": None}
-    config_file = Path(args.pretrained_model_name_or_path) / "demo_config.json"
-    if config_file.is_file():
-        demo = json.loads(config_file.read_text())
-        defaults.update(height=demo["height"], width=demo["width"], max_sequence_length=demo["max_sequence_length"],
-                        prompt=demo["prompts"][7])
-        if not args.path_to_lora and demo.get("guidance") == "true_cfg":
-            defaults["true_cfg_scale"] = float(demo["guidance_scale"])
-            if args.negative_prompt is None:
-                args.negative_prompt = demo.get("negative_prompt", "")
-    for name, value in defaults.items():
+def apply_flux_defaults(args) -> None:
+    """Fill sampling flags still unset with FLUX.1-dev's values (1024 x 1024, 512 T5 tokens, CFG off)."""
+    for name, value in FLUX_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
 
@@ -190,9 +167,16 @@ def run_benchmark(pipe, args, prompts: List[str]) -> dict:
     return {"output": output, **stats}
 
 
-def main(argv: Optional[List[str]] = None) -> List[Path]:
+def main(argv: Optional[List[str]] = None, fill_defaults: Optional[Callable] = None) -> List[Path]:
+    """Parse ``argv``, let ``fill_defaults(args)`` fill unset flags (e.g. an example's bundled model), generate.
+
+    Returns the written PNG paths.
+    """
     args = build_parser().parse_args(argv)
-    resolve_model_paths(args)  # also fills unset sizes from the model folder
+    if fill_defaults is not None:
+        fill_defaults(args)
+    check_model_given(args)
+    apply_flux_defaults(args)
     for name in ("height", "width"):
         if getattr(args, name) <= 0 or getattr(args, name) % 16:
             sys.exit(f"error: --{name} {getattr(args, name)} is not a positive multiple of 16 "

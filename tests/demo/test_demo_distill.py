@@ -1,12 +1,12 @@
 """The demo distillation on the committed teacher folder, with tiny step counts: cache, training through the
 training entry point's config, checkpoints, resume, the exported LoRA's sampling metadata, loading in the
-generation entry point, and the whole ``python -m ppdiffusers_fast.demo --quick`` path."""
+generation entry point, and the whole ``python examples/flux_lightning/run_demo.py --quick`` path."""
 import json
 
 import numpy as np
 import pytest
 
-from ppdiffusers_fast.demo.config import DEMO_MODEL_DIR
+from demo.config import DEMO_MODEL_DIR
 from ppdiffusers_fast.models.safetensors_io import load_file
 
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL_DIR / "demo_config.json").is_file(),
@@ -15,21 +15,21 @@ pytestmark = pytest.mark.skipif(not (DEMO_MODEL_DIR / "demo_config.json").is_fil
 
 @pytest.fixture(scope="module")
 def teacher():
-    from ppdiffusers_fast.demo.teacher import DemoTeacher
+    from demo.teacher import DemoTeacher
 
     return DemoTeacher.from_folder(DEMO_MODEL_DIR)
 
 
 @pytest.fixture(scope="module")
 def latent_cache(tmp_path_factory, teacher):
-    from ppdiffusers_fast.demo.distill import build_latent_cache
+    from demo.distill import build_latent_cache
 
     return build_latent_cache(tmp_path_factory.mktemp("cache") / "latents.safetensors", teacher, DEMO_MODEL_DIR,
                               max_images=40)
 
 
 def test_latent_cache_matches_the_teacher_encoders(latent_cache, teacher):
-    from ppdiffusers_fast.demo.vae_training import encode_posterior
+    from demo.vae_training import encode_posterior
     from ppdiffusers_fast.training.batches import load_latent_file
 
     arrays = load_file(latent_cache)
@@ -40,9 +40,9 @@ def test_latent_cache_matches_the_teacher_encoders(latent_cache, teacher):
     np.testing.assert_allclose(arrays["pooled_prompt_embeds"], pooled[labels], atol=0)
     np.testing.assert_allclose(arrays["uncond_prompt_embeds"][0], sequence[10], atol=0)  # the empty prompt
     # one latent recomputed by hand: (posterior mean - shift) * scale of the first training digit
-    from ppdiffusers_fast.demo.config import DemoSplit
-    from ppdiffusers_fast.demo.data import load_split
-    from ppdiffusers_fast.demo.teacher import read_demo_config
+    from demo.config import DemoSplit
+    from demo.data import load_split
+    from demo.teacher import read_demo_config
 
     demo = read_demo_config(DEMO_MODEL_DIR)
     digits = load_split(demo["resolution"], DemoSplit(**demo["split"]))["teacher_train"]
@@ -56,7 +56,7 @@ def test_latent_cache_matches_the_teacher_encoders(latent_cache, teacher):
 
 
 def test_training_checkpoints_resumes_and_exports_a_loadable_lora(tmp_path, latent_cache):
-    from ppdiffusers_fast.demo.distill import recipe_for, training_argv
+    from demo.distill import recipe_for, training_argv
     from ppdiffusers_fast.models.lora_io import read_safetensors
     from ppdiffusers_fast.training.config import config_from_args
     from ppdiffusers_fast.training.launch import run_training
@@ -80,7 +80,7 @@ def test_training_checkpoints_resumes_and_exports_a_loadable_lora(tmp_path, late
     tensors, metadata, _ = read_safetensors(lora)
     sampling = json.loads(metadata["sampling"])
     assert sampling["num_inference_steps"] == 4 and sampling["multiphase"] == 4
-    from ppdiffusers_fast.demo.teacher import read_demo_config
+    from demo.teacher import read_demo_config
 
     assert sampling["num_euler_timesteps"] == recipe.num_euler_timesteps
     assert sampling["guidance_scale"] == read_demo_config(DEMO_MODEL_DIR)["guidance_scale"]  # the teacher's CFG
@@ -94,20 +94,27 @@ def test_training_checkpoints_resumes_and_exports_a_loadable_lora(tmp_path, late
     assert len(paths) == 1 and paths[0].is_file()
 
 
-def test_quick_demo_writes_table_grid_and_lora(tmp_path):
-    from ppdiffusers_fast.demo.__main__ import STUDENT_LORA_NAME, main
+def example_files_state():
+    """``{path: (size, mtime_ns)}`` of every file under examples/flux_lightning (caches excluded)."""
+    root = DEMO_MODEL_DIR.parent
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts}
 
-    before = (DEMO_MODEL_DIR / STUDENT_LORA_NAME).stat().st_mtime if (DEMO_MODEL_DIR / STUDENT_LORA_NAME).exists() \
-        else None
-    result = main(["--quick", "--output_dir", str(tmp_path)])
+
+def test_quick_demo_writes_only_under_its_output_folder(tmp_path, monkeypatch):
+    from demo.config import STUDENT_LORA_NAME
+    from demo.quick_start import main
+
+    monkeypatch.chdir(tmp_path)  # relative paths would land here
+    before = example_files_state()
+    result = main(["--quick", "--output_dir", str(tmp_path / "run")])
     table = result["table"]
     assert [row["steps"] for row in table] == [50, 4, 4]
     assert table[0]["fid_vs_teacher_50"] == 0.0 and table[1]["fid_vs_teacher_50"] > 0
     assert all(0.0 <= row["adherence"] <= 1.0 and row["images"] == 20 for row in table)
-    saved = json.loads((tmp_path / "results.json").read_text())
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["rows"][2]["method"].startswith("student") and "checks" in saved
-    assert "| method | steps |" in (tmp_path / "results.md").read_text()
-    assert (tmp_path / "grid.png").is_file() and (tmp_path / STUDENT_LORA_NAME).is_file()
-    after = (DEMO_MODEL_DIR / STUDENT_LORA_NAME).stat().st_mtime if (DEMO_MODEL_DIR / STUDENT_LORA_NAME).exists() \
-        else None
-    assert before == after  # --quick leaves the bundled folder alone
+    assert "| method | steps |" in (tmp_path / "run" / "results.md").read_text()
+    assert (tmp_path / "run" / "grid.png").is_file() and (tmp_path / "run" / STUDENT_LORA_NAME).is_file()
+    assert example_files_state() == before  # the demo model folder and the example code are only read
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -11,13 +11,13 @@ import json
 import numpy as np
 import pytest
 
-from ppdiffusers_fast.demo.classifier import accuracy, load_classifier
-from ppdiffusers_fast.demo.config import (CLASSIFIER_WEIGHTS_NAME, DEMO_MODEL_DIR, DemoSplit, all_prompts,
+from demo.classifier import accuracy, load_classifier
+from demo.config import (CLASSIFIER_WEIGHTS_NAME, DEMO_MODEL_DIR, DemoSplit, all_prompts,
                                           digit_prompt)
-from ppdiffusers_fast.demo.data import load_split
-from ppdiffusers_fast.demo.metrics import adherence, eval_labels_and_seeds
-from ppdiffusers_fast.demo.teacher import DemoTeacher, read_demo_config
-from ppdiffusers_fast.demo.train_teacher import TEST_BATCH
+from demo.data import load_split
+from demo.metrics import adherence, eval_labels_and_seeds
+from demo.teacher import DemoTeacher, read_demo_config
+from demo.train_teacher import TEST_BATCH
 from ppdiffusers_fast.models import safetensors_io
 from ppdiffusers_fast.models.weights import load_flux_transformer
 
@@ -51,7 +51,7 @@ def test_classifier_accuracy_is_the_stated_one(demo, classifier):
 
 
 def test_split_is_disjoint_and_fixed(demo):
-    from ppdiffusers_fast.demo.data import split_indices
+    from demo.data import split_indices
 
     parts = split_indices(1797, DemoSplit(**demo["split"]))
     assert sum(len(v) for v in parts.values()) == len(set(np.concatenate(list(parts.values())).tolist()))
@@ -118,7 +118,7 @@ def test_tokenizers_split_prompts_into_words(teacher):
 
 
 def test_upscaled_digits_map_ink_to_minus_one():
-    from ppdiffusers_fast.demo.data import upscale_digits
+    from demo.data import upscale_digits
 
     digits = np.stack([np.zeros([8, 8]), np.full([8, 8], 16.0), np.full([8, 8], 4.0)])
     images = upscale_digits(digits, 32)

@@ -68,8 +68,7 @@ def write_prompts(tmp_path):
     return path
 
 
-def test_without_model_says_what_to_pass(monkeypatch, capsys):
-    monkeypatch.setattr(generate_cli, "DEMO_MODEL", Path("/nonexistent/demo_model"))
+def test_without_model_says_what_to_pass():
     with pytest.raises(SystemExit) as exit_info:
         generate_cli.main([])
     assert exit_info.value.code != 0
@@ -103,21 +102,6 @@ def test_lora_metadata_and_compiled_student(tmp_path, capsys):
     fused = generate_cli.main(args + ["--output_dir", str(tmp_path / "fused"), "--use_cinn"])
     for mine, reference in zip(fused, live):
         assert np.abs(pixels(mine) - pixels(reference)).max() <= 1
-
-
-def test_bundled_demo_teacher_is_the_default_model(tmp_path):
-    """No model flags: the demo folder's own size, prompt length and true CFG (teacher without a LoRA)."""
-    if not generate_cli.DEMO_MODEL.is_dir():
-        pytest.skip("no bundled demo model")
-    args = generate_cli.build_parser().parse_args(["--output_dir", str(tmp_path)])
-    generate_cli.resolve_model_paths(args)
-    assert (args.height, args.width, args.max_sequence_length) == (32, 32, 8)
-    if args.path_to_lora is None:
-        assert args.true_cfg_scale == 3.0 and args.negative_prompt == ""
-    else:
-        assert args.true_cfg_scale == 1.0
-    paths = generate_cli.main(["--output_dir", str(tmp_path), "--step", "2"])
-    assert [Image.open(p).size for p in paths] == [(32, 32)]
 
 
 def test_bfloat16_predictor_needs_inference_optimize():

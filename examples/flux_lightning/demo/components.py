@@ -22,9 +22,9 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import paddle
 
-from ..models import safetensors_io
-from ..models.transformer_flux import FluxTransformer2DModel
-from ..models.weights import linear_weight_names
+from ppdiffusers_fast.models import safetensors_io
+from ppdiffusers_fast.models.transformer_flux import FluxTransformer2DModel
+from ppdiffusers_fast.models.weights import linear_weight_names
 from .config import DemoModelConfig
 
 __all__ = ["clip_text_config", "t5_config", "build_text_encoders", "build_vae", "build_transformer",

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 
-from ..models.safetensors_io import save_file
+from ppdiffusers_fast.models.safetensors_io import save_file
 from .config import DEMO_MODEL_DIR, DemoSplit
 from .teacher import DemoTeacher, read_demo_config
 
@@ -178,8 +178,8 @@ def distill(recipe: DemoRecipe, output_dir: Union[str, Path], folder: Union[str,
     The latent cache is built once in ``output_dir/latents.safetensors`` (kept, so a resumed run reuses it).
     Re-running with the same ``output_dir`` resumes from the newest checkpoint there.
     """
-    from ..training.config import config_from_args
-    from ..training.launch import run_training
+    from ppdiffusers_fast.training.config import config_from_args
+    from ppdiffusers_fast.training.launch import run_training
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

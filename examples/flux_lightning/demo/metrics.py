@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..evaluation.fid import activation_statistics, frechet_distance
+from ppdiffusers_fast.evaluation.fid import activation_statistics, frechet_distance
 from .classifier import DigitClassifier, extract_features, predict_logits
 
 __all__ = ["adherence", "feature_fid", "eval_labels_and_seeds", "save_digit_grid"]

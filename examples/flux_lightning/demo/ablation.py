@@ -1,7 +1,7 @@
 """The demo's ablation: which parts of the FLUX-Lightning recipe help, on the tiny digit teacher.
 
     bash scripts/demo_ablation.sh                       # all rows, 1000 steps each (about 37 minutes on a 2-core CPU)
-    python -m ppdiffusers_fast.demo.ablation --max_train_steps 100 --rows pcm,flux_lightning
+    python examples/flux_lightning/run_demo_ablation.py --max_train_steps 100 --rows pcm,flux_lightning
 
 Rows (the table of the paper, on the demo), all measured against the teacher's 50-step images of the same seeds:
 
@@ -33,7 +33,7 @@ OTHER_SEEDS_OFFSET = 100000
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ppdiffusers_fast.demo.ablation", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python examples/flux_lightning/run_demo_ablation.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="outputs/demo_ablation")
     p.add_argument("--teacher", default=str(DEMO_MODEL_DIR))
     p.add_argument("--rows", default=",".join(STUDENT_ROWS), help=f"students to train, from {STUDENT_ROWS}")
@@ -113,7 +113,7 @@ def main(argv=None) -> List[dict]:
         entry["train_seconds"] = row.extra.get("train_seconds")
     steps = {recipe.max_train_steps for _, recipe, _ in trained.values()}
     total = time.perf_counter() - started
-    command = "python -m ppdiffusers_fast.demo.ablation " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python examples/flux_lightning/run_demo_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (f"# Demo ablation\n\n`{command.strip()}` (or `bash scripts/demo_ablation.sh`): every student trained "
               f"for {', '.join(map(str, sorted(steps)))} steps from the same latent cache and seed "
               f"{args.seed}; {len(reference.labels)} evaluation images ({args.images_per_digit} per digit), the "

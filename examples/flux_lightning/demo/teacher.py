@@ -18,12 +18,13 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import paddle
 
-from .. import schedules
-from ..models.weights import load_flux_transformer
-from ..pipelines import flux_folder
-from ..pipelines.latents import latent_image_ids, pack_latents, seeded_noise, text_ids, unpack_latents
-from ..pipelines.text_encoding import encode_prompts
-from ..schedulers.samplers import sample_euler
+from ppdiffusers_fast import schedules
+from ppdiffusers_fast.models.weights import load_flux_transformer
+from ppdiffusers_fast.pipelines import flux_folder
+from ppdiffusers_fast.pipelines.latents import (latent_image_ids, pack_latents, seeded_noise, text_ids,
+                                                unpack_latents)
+from ppdiffusers_fast.pipelines.text_encoding import encode_prompts
+from ppdiffusers_fast.schedulers.samplers import sample_euler
 from .config import DEMO_CONFIG_NAME, DEMO_MODEL_DIR, all_prompts
 from .flow_training import PromptTable
 

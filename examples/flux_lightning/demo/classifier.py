@@ -20,7 +20,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..models.weights import load_paddle_safetensors, save_paddle_safetensors
+from ppdiffusers_fast.models.weights import load_paddle_safetensors, save_paddle_safetensors
 
 __all__ = ["DigitClassifier", "train_classifier", "predict_logits", "extract_features", "accuracy",
            "save_classifier", "load_classifier", "random_shifts"]

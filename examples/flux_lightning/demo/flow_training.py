@@ -20,9 +20,9 @@ import numpy as np
 import paddle
 from tqdm.auto import tqdm
 
-from .. import schedules
-from ..losses.flow_matching import flow_matching_loss
-from ..pipelines.latents import latent_image_ids, pack_latents, text_ids
+from ppdiffusers_fast import schedules
+from ppdiffusers_fast.losses.flow_matching import flow_matching_loss
+from ppdiffusers_fast.pipelines.latents import latent_image_ids, pack_latents, text_ids
 from .vae_training import cosine_lr
 
 __all__ = ["PromptTable", "CachedLatents", "ExponentialMovingAverage", "sample_training_levels",

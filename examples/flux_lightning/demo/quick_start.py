@@ -1,15 +1,16 @@
 """The demo: distil the bundled tiny FLUX teacher to 4 steps with FLUX-Lightning, then show and measure it.
 
-    python -m ppdiffusers_fast.demo                      # the full demo (about 10 minutes on a busy 2-core CPU)
+    python examples/flux_lightning/run_demo.py           # the full demo (about 10 minutes on a busy 2-core CPU)
     bash scripts/train_flux_lightning.sh                 # the same, when no TEACHER is set
-    python -m ppdiffusers_fast.demo --quick              # a few steps on few images (smoke run)
+    python examples/flux_lightning/run_demo.py --quick   # a few steps on few images (smoke run)
 
 Steps: encode the teacher's training digits (``distill.build_latent_cache``); train the student with the
 training entry point (``--method``, default ``flux_lightning``; checkpoints in ``--output_dir``, a rerun
-resumes); save the LoRA as ``<output_dir>/student_lora.safetensors`` and (not with ``--quick``) copy it into
-the demo folder so that ``examples/flux_lightning/text_to_image_generation_flux_lightning.py`` uses it by
-default; sample the teacher at 50 and 4 steps and the student at 4 steps from the same seeds; write
-``grid.png``, ``results.md`` and ``results.json`` and print the table.
+resumes); save the LoRA as ``<output_dir>/student_lora.safetensors`` (run from the repository root with the
+default ``--output_dir``, ``examples/flux_lightning/text_to_image_generation_flux_lightning.py`` then uses it
+instead of the committed student); sample the teacher at 50 and 4 steps and the student at 4 steps from the same
+seeds; write ``grid.png``, ``results.md`` and ``results.json`` and print the table. Everything is written under
+``--output_dir``; the demo model folder is only read.
 """
 import argparse
 import json
@@ -17,17 +18,16 @@ import sys
 import time
 from pathlib import Path
 
-from .config import CLASSIFIER_WEIGHTS_NAME, DEMO_MODEL_DIR
-
-STUDENT_LORA_NAME = "student_lora.safetensors"
+from .config import CLASSIFIER_WEIGHTS_NAME, DEMO_MODEL_DIR, QUICK_START_OUTPUT_DIR, STUDENT_LORA_NAME
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .distill import METHOD_RECIPES
 
-    p = argparse.ArgumentParser(prog="python -m ppdiffusers_fast.demo", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python examples/flux_lightning/run_demo.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", default="outputs/demo", help="checkpoints, the LoRA, grid and results")
+    p.add_argument("--output_dir", default=str(QUICK_START_OUTPUT_DIR),
+                   help="checkpoints, the LoRA, grid and results (nothing is written elsewhere)")
     p.add_argument("--teacher", default=str(DEMO_MODEL_DIR), help="the demo model folder (FLUX.1-dev layout)")
     p.add_argument("--method", default="flux_lightning", choices=sorted(METHOD_RECIPES),
                    help="distillation recipe (pcm_adv, pcm_adv_dmd: FLUX-Lightning with parts switched off)")
@@ -37,8 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation images per digit (default 30, i.e. 300 images; --quick: 2)")
     p.add_argument("--grid_columns", type=int, default=6, help="seeds per digit shown in grid.png")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 4 training steps on 64 digits, 2 evaluation images per digit, LoRA not "
-                        "copied into the demo folder")
+                   help="smoke run: 4 training steps on 64 digits, 2 evaluation images per digit")
     return p
 
 
@@ -70,9 +69,7 @@ def main(argv=None) -> dict:
                    max_images=64 if args.quick else None, log=lambda m: print(f"[demo] {m}"))
     train_seconds = time.perf_counter() - train_started
     student_lora = copy_lora(lora, output_dir / STUDENT_LORA_NAME)
-    if not args.quick:
-        installed = copy_lora(student_lora, folder / STUDENT_LORA_NAME)
-        print(f"[demo] student LoRA copied to {installed} (the generation entry point's default)")
+    print(f"[demo] student LoRA {student_lora}")
 
     per_digit = args.images_per_digit or (2 if args.quick else 30)
     eval_set = EvalSet(per_digit, int(demo.get("teacher_metrics", {}).get("eval_first_seed", 1000)))
@@ -92,7 +89,7 @@ def main(argv=None) -> dict:
               "student_adherence_within_3_points": adherence_gap <= 3.0}
     total = time.perf_counter() - started
     header = (f"# Demo: FLUX-Lightning on the tiny digit teacher\n\n"
-              f"`python -m ppdiffusers_fast.demo {' '.join(argv if argv is not None else sys.argv[1:])}`: "
+              f"`python examples/flux_lightning/run_demo.py {' '.join(argv if argv is not None else sys.argv[1:])}`: "
               f"{args.method}, {recipe.max_train_steps} steps (batch {recipe.train_batch_size}, LoRA rank "
               f"{recipe.lora_rank}, lr {recipe.learning_rate:g}, N = {recipe.num_euler_timesteps}, "
               f"K = {recipe.multiphase}), {len(reference.labels)} evaluation images "

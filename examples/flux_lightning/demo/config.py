@@ -1,6 +1,6 @@
 """Settings of the miniature FLUX demo: image size, tiny model shapes, prompts and teacher training.
 
-The demo model is a FLUX.1-dev-layout folder (``examples/flux_lightning/demo_model``) whose components have
+The demo model is a FLUX.1-dev-layout folder (``demo_model/`` next to this package) whose components have
 the FLUX architectures at toy sizes. Numbers here are the ones the committed folder was trained with; its
 ``demo_config.json`` records the values a user of the folder needs (resolution, text length, guidance).
 """
@@ -8,8 +8,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Tuple
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_MODEL_DIR = REPO_ROOT / "examples" / "flux_lightning" / "demo_model"
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model"  # examples/flux_lightning/demo_model
+QUICK_START_OUTPUT_DIR = Path("outputs") / "demo"  # relative to the working directory (the repository root)
+STUDENT_LORA_NAME = "student_lora.safetensors"  # the quick start's 4-step student, in its output folder
 DEMO_CONFIG_NAME = "demo_config.json"
 CLASSIFIER_WEIGHTS_NAME = "digit_classifier.safetensors"
 TRAIN_LOG_NAME = "train_log.txt"

@@ -23,10 +23,10 @@ import numpy as np
 import paddle
 from tqdm.auto import tqdm
 
-from .. import schedules
-from ..models.lora import set_adapter_scale, use_adapters
-from ..models.lora_io import load_lora
-from ..schedulers.samplers import sample_euler
+from ppdiffusers_fast import schedules
+from ppdiffusers_fast.models.lora import set_adapter_scale, use_adapters
+from ppdiffusers_fast.models.lora_io import load_lora
+from ppdiffusers_fast.schedulers.samplers import sample_euler
 from .metrics import adherence, eval_labels_and_seeds, feature_fid, save_digit_grid
 from .teacher import DemoTeacher, euler_sigmas
 
