@@ -19,5 +19,6 @@ setup(
     package_data={"ppdiffusers_fast": ["**/*.md", "**/*.json", "**/*.cc"]},
     python_requires=">=3.9",
     install_requires=read_requirements("requirements.txt"),
-    extras_require={"test": read_requirements("requirements-test.txt")},
+    extras_require={"data": read_requirements("requirements-data.txt"),
+                    "test": read_requirements("requirements-test.txt") + read_requirements("requirements-data.txt")},
 )

@@ -1,4 +1,4 @@
-"""Write the LAION filter summary as ``summary.json`` and a human-readable ``summary.md``."""
+"""Summaries as ``summary.json`` and a human-readable ``summary.md`` (LAION filter, downloads)."""
 import json
 import os
 
@@ -26,11 +26,16 @@ def summary_markdown(summary):
     return "\n".join(lines) + "\n"
 
 
-def write_summary(summary, output_dir):
-    """Write ``summary.json`` and ``summary.md`` into ``output_dir`` (each via a temporary file)."""
-    for name, text in (("summary.json", json.dumps(summary, indent=2)),
-                       ("summary.md", summary_markdown(summary))):
+def write_json_and_markdown(summary, markdown, output_dir, stem="summary"):
+    """Write ``<stem>.json`` (the dict) and ``<stem>.md`` (the text) into ``output_dir``, each via a temporary file."""
+    os.makedirs(output_dir, exist_ok=True)
+    for name, text in ((f"{stem}.json", json.dumps(summary, indent=2)), (f"{stem}.md", markdown)):
         path = os.path.join(output_dir, name)
         with open(path + ".tmp", "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(path + ".tmp", path)
+
+
+def write_summary(summary, output_dir):
+    """Write the filter's ``summary.json`` and ``summary.md`` into ``output_dir``."""
+    write_json_and_markdown(summary, summary_markdown(summary), output_dir)
