@@ -18,7 +18,8 @@ from ppdiffusers_fast.methods.adversarial import AdversarialConfig
 from ppdiffusers_fast.methods.denoiser import FluxCondition, FluxDenoiser
 from ppdiffusers_fast.methods.distribution_matching import DistributionMatchingConfig
 from ppdiffusers_fast.methods.flux_lightning import FluxLightning
-from ppdiffusers_fast.methods.pcm import PCM, LatentBatch, PCMConfig
+from ppdiffusers_fast.methods.base import FewStepSchedule, LatentBatch
+from ppdiffusers_fast.methods.pcm import PCM
 from ppdiffusers_fast.methods.reflow import ReflowConfig
 from ppdiffusers_fast.models.lora import LoraConfig, adapter_parameters
 from ppdiffusers_fast.models.transformer_flux import FluxTransformer2DModel
@@ -63,7 +64,7 @@ def build_variant(args, adversarial: bool, dmd: bool, reflow: bool):
     if args.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     lora = LoraConfig(rank=args.lora_rank, alpha=float(args.lora_rank))
-    pcm = PCM(denoiser, PCMConfig(num_euler_timesteps=100, multiphase=4), lora)
+    pcm = PCM(denoiser, lora, FewStepSchedule(num_euler_timesteps=100, multiphase=4))
     method = FluxLightning(pcm, AdversarialConfig(adv_weight=0.1 if adversarial else 0.0,
                                                   adv_head_channels=args.head_channels),
                            DistributionMatchingConfig(use_dmd_loss=dmd), ReflowConfig(apply_reflow_loss=reflow), lora)

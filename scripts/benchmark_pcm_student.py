@@ -24,7 +24,8 @@ import paddle
 from ppdiffusers_fast import schedules
 from ppdiffusers_fast.losses import flow_matching_loss
 from ppdiffusers_fast.methods.denoiser import FluxDenoiser
-from ppdiffusers_fast.methods.pcm import PCM, PCMConfig
+from ppdiffusers_fast.methods.base import FewStepSchedule
+from ppdiffusers_fast.methods.pcm import PCM
 from ppdiffusers_fast.models.lora import LoraConfig
 from ppdiffusers_fast.models.transformer_flux import FluxTransformer2DModel
 from ppdiffusers_fast.training.batches import (InMemoryLatentDataset, LoaderStream, flux_condition, latent_batch,
@@ -112,8 +113,8 @@ def run(teacher_steps=1500, pcm_steps=1000, pcm_batch=32, pcm_lr=1e-3, dataset_s
     denoiser = FluxDenoiser(build_teacher(seed))
     teacher_loss = train_teacher(denoiser, data, teacher_steps)
     teacher_seconds = time.perf_counter() - started
-    method = PCM(denoiser, PCMConfig(num_euler_timesteps=50, multiphase=4, guidance_scale=3.5),
-                 LoraConfig(rank=8, alpha=8.0, target_modules=STUDENT_TARGETS))
+    method = PCM(denoiser, LoraConfig(rank=8, alpha=8.0, target_modules=STUDENT_TARGETS),
+                 FewStepSchedule(num_euler_timesteps=50, multiphase=4, guidance_scale=3.5))
     before = distances(method, data)
     dataset = InMemoryLatentDataset(data.sample(dataset_size, np.random.RandomState(seed + 7)))
     with tempfile.TemporaryDirectory() as out:

@@ -29,7 +29,8 @@ def run_one(args) -> dict:
     import paddle
 
     from ppdiffusers_fast.methods.denoiser import FluxDenoiser
-    from ppdiffusers_fast.methods.pcm import PCM, PCMConfig
+    from ppdiffusers_fast.methods.base import FewStepSchedule
+    from ppdiffusers_fast.methods.pcm import PCM
     from ppdiffusers_fast.models.lora import LoraConfig
     from ppdiffusers_fast.models.transformer_flux import FluxTransformer2DModel
     from ppdiffusers_fast.training.batches import InMemoryLatentDataset, LoaderStream, latent_loader
@@ -47,8 +48,8 @@ def run_one(args) -> dict:
     denoiser = FluxDenoiser(transformer)
     if args.checkpointing:
         denoiser.enable_gradient_checkpointing()
-    method = PCM(denoiser, PCMConfig(num_euler_timesteps=50, multiphase=4), LoraConfig(rank=args.lora_rank,
-                                                                                      alpha=args.lora_rank))
+    method = PCM(denoiser, LoraConfig(rank=args.lora_rank, alpha=args.lora_rank),
+                 FewStepSchedule(num_euler_timesteps=50, multiphase=4))
     rng = np.random.RandomState(0)
     n = args.batch_size * 4
     side = args.latent_size

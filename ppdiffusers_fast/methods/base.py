@@ -15,12 +15,84 @@ LoRA adapters. The trainer knows only this interface:
 - ``after_update(step, groups)``: bookkeeping after the optimizers stepped (EMA targets).
 - ``checkpoint_tensors()`` / ``load_checkpoint_tensors()``: every adapter and trainable head, by
   stable structured names, for checkpoints (the frozen base is never saved).
+
+Nouns every method shares live here too: the batch (:class:`LatentBatch`), the student adapter's name
+(``STUDENT``) and its export (:func:`export_student`), and the few-step schedule (:class:`FewStepSchedule`:
+the solver grid N, the K sampling steps and the teacher's guidance) that PCM, FLUX-Lightning and DMD2 all
+train and sample on.
 """
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import paddle
 import paddle.nn as nn
+
+from .. import schedules
+from ..config_fields import flag
+from ..models.lora_io import save_lora
+from .denoiser import FluxCondition
+
+STUDENT = "student"  # the adapter every method trains and exports
+
+
+@dataclass
+class FewStepSchedule:
+    """The few-step schedule a student is trained for and sampled with (ALGORITHMS.md, "Solver grid and phases").
+
+    The solver grid ``sigma_i = shift(i / N; mu)``, ``i = 0..N``, at the shift ``mu`` of each batch's resolution;
+    K phases with edges ``e_0 = 0 < ... < e_K = N``; the student samples with K Euler jumps between the phase
+    edges ``1 -> ... -> 0``. ``guidance_scale`` is the teacher's guidance everywhere a method calls the teacher
+    (PCM's solver, DMD's real score) and the embedded guidance the student sees.
+    """
+
+    num_euler_timesteps: int = flag(100, "N, solver grid steps")
+    multiphase: int = flag(4, "K, number of phases (= sampling steps); 1 is LCM")
+    guidance_scale: float = flag(3.5, "teacher guidance (embedded scale for FLUX.1-dev, CFG weight otherwise)")
+
+    def validate(self) -> None:
+        if self.num_euler_timesteps < 1:
+            raise ValueError(f"--num_euler_timesteps must be >= 1, got {self.num_euler_timesteps}")
+        if not 1 <= self.multiphase <= self.num_euler_timesteps:
+            raise ValueError(f"--multiphase {self.multiphase} must lie in 1..--num_euler_timesteps "
+                             f"({self.num_euler_timesteps})")
+
+    def solver_grid(self, num_image_tokens: int) -> paddle.Tensor:
+        """Solver grid ``[N + 1]`` (ascending) at the shift of ``num_image_tokens``."""
+        return schedules.solver_grid(self.num_euler_timesteps, schedules.resolution_mu(num_image_tokens))
+
+    def sampling_sigmas(self, num_image_tokens: int) -> paddle.Tensor:
+        """The K-step sampler's sigmas ``[K + 1]`` (1 -> 0, the phase edges) at the shift of ``num_image_tokens``."""
+        mu = schedules.resolution_mu(num_image_tokens)
+        return schedules.phase_sigmas(self.multiphase, self.num_euler_timesteps, mu)
+
+    def sampling_metadata(self) -> dict:
+        """Settings the inference entry point needs to sample the student (K Euler jumps between phase edges)."""
+        return {"num_inference_steps": self.multiphase, "multiphase": self.multiphase,
+                "num_euler_timesteps": self.num_euler_timesteps, "guidance_scale": self.guidance_scale,
+                "lora_scale": 1.0}
+
+
+@dataclass
+class LatentBatch:
+    """One training batch: clean packed latents and their text condition.
+
+    Attributes:
+        latents: ``[B, L, C]`` packed VAE latents (shifted and scaled), the data ``x0``.
+        cond: :class:`FluxCondition` (guidance is set by the method).
+        latent_size: ``(H, W)`` of the unpacked latent grid (for decoding previews).
+    """
+
+    latents: paddle.Tensor
+    cond: FluxCondition
+    latent_size: tuple = (0, 0)
+
+
+def export_student(transformer, output_dir: str, file_name: str, sampling: dict) -> str:
+    """Save the ``STUDENT`` adapter of ``transformer`` with its ``sampling`` metadata to ``output_dir/file_name``."""
+    path = os.path.join(output_dir, file_name)
+    save_lora(transformer, STUDENT, path, sampling=sampling)
+    return path
 
 
 @dataclass

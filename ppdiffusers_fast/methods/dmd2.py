@@ -27,10 +27,9 @@ from ..config_fields import flag
 from ..models.lora import LoraConfig, adapter_parameters, inject_trainable_lora, use_adapters
 from ..schedulers.samplers import sample_euler
 from .adversarial import AdversarialConfig, AdversarialLearning, latent_grid_hw
-from .base import DistillationMethod, StepResult
+from .base import STUDENT, DistillationMethod, FewStepSchedule, LatentBatch, StepResult, export_student
 from .denoiser import FluxCondition, FluxDenoiser, check_unconditional, resolve_guidance_mode, student_condition
 from .distribution_matching import DistributionMatching, DistributionMatchingConfig
-from .pcm import STUDENT, LatentBatch, PCMConfig, export_student
 
 __all__ = ["DMD2Config", "DMD2"]
 
@@ -66,7 +65,7 @@ class DMD2(DistillationMethod):
     Args:
         denoiser: ``FluxDenoiser`` around the frozen base.
         lora_config: shape of the student and fake-score adapters.
-        schedule: the few-step settings shared with PCM (``num_euler_timesteps`` N for the level grid,
+        schedule: the few-step schedule every method shares (``num_euler_timesteps`` N for the level grid,
             ``multiphase`` K generator steps, ``guidance_scale`` of the teacher).
         dmd: distribution matching settings; its fake score must be the adapter.
         adversarial: heads settings (``adv_lr``, ``adv_head_channels``, ``adv_loss_type``; the weight is
@@ -74,7 +73,7 @@ class DMD2(DistillationMethod):
         teacher_guidance: ``auto|embedded|cfg``; unconditional: the empty prompt (CFG teachers).
     """
 
-    def __init__(self, denoiser: FluxDenoiser, lora_config: LoraConfig, schedule: PCMConfig,
+    def __init__(self, denoiser: FluxDenoiser, lora_config: LoraConfig, schedule: FewStepSchedule,
                  dmd: DistributionMatchingConfig, adversarial: AdversarialConfig, config: DMD2Config,
                  teacher_guidance: str = "auto", unconditional: Optional[FluxCondition] = None):
         super().__init__()

@@ -29,9 +29,9 @@ import paddle
 from .. import schedules
 from ..models.lora import adapter_parameters
 from .adversarial import AdversarialConfig, AdversarialLearning, latent_grid_hw
-from .base import DistillationMethod, StepResult
+from .base import STUDENT, DistillationMethod, LatentBatch, StepResult, export_student
 from .distribution_matching import DistributionMatching, DistributionMatchingConfig
-from .pcm import PCM, STUDENT, LatentBatch, export_student
+from .pcm import PCM
 from .reflow import Reflow, ReflowConfig
 
 __all__ = ["FluxLightning"]
@@ -62,7 +62,7 @@ class FluxLightning(DistillationMethod):
         self.dmd_config = dmd.with_default_fake_score("student") if dmd is not None and dmd.use_dmd_loss else None
         self.dmd = None
         if self.dmd_config is not None:
-            self.dmd = DistributionMatching(denoiser, self.dmd_config, STUDENT, pcm.config.guidance_scale,
+            self.dmd = DistributionMatching(denoiser, self.dmd_config, STUDENT, pcm.schedule.guidance_scale,
                                             pcm.guidance_mode, pcm.unconditional, lora_config)
         self.reflow_config = reflow if reflow is not None and reflow.apply_reflow_loss else None
         self.reflow = None

@@ -22,7 +22,6 @@ image tokens, so training and sampling use the same shift policy at every resolu
 they were built from (``x_i``, ``sigma_i``, the phase edges, the student velocity), so that composed methods
 (FLUX-Lightning) read the student's clean sample ``x_i - sigma_i v_theta`` from the same forward pass.
 """
-import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -32,24 +31,21 @@ from .. import schedules
 from ..config_fields import flag
 from ..losses import consistency_loss
 from ..models.lora import LoraConfig, adapter_parameters, inject_lora, inject_trainable_lora, use_adapters
-from ..models.lora_io import save_lora
 from ..schedulers.samplers import sample_euler
-from .base import DistillationMethod, StepResult
+from .base import STUDENT, DistillationMethod, FewStepSchedule, LatentBatch, StepResult, export_student
 from .denoiser import (FluxCondition, FluxDenoiser, check_unconditional, resolve_guidance_mode, student_condition,
                        teacher_velocity)
 
-STUDENT = "student"
 EMA_TARGET = "student_ema"
 LORA_FILE = "pcm_lora.safetensors"
 
 
 @dataclass
 class PCMConfig:
+    """PCM's own settings; the grid N, the phases K and the guidance are the shared :class:`FewStepSchedule`."""
+
     loss_type: str = flag("huber", "consistency loss: huber (pseudo-Huber) or l2", choices=["huber", "l2"])
     huber_c: float = flag(0.001, "pseudo-Huber constant c")
-    num_euler_timesteps: int = flag(100, "N, solver grid steps")
-    multiphase: int = flag(4, "K, number of phases (= sampling steps); 1 is LCM")
-    guidance_scale: float = flag(3.5, "teacher guidance (embedded scale for FLUX.1-dev, CFG weight otherwise)")
     num_teacher_steps: int = flag(1, "teacher Euler sub-steps per grid step sigma_i -> sigma_{i-1}")
     ema_decay: Optional[float] = flag(None, "EMA decay of the target adapter; None = stop-gradient student")
     apply_cfg_solver: bool = flag(True, "CFG teachers: guide the teacher's solver step (False: conditional only)")
@@ -59,44 +55,10 @@ class PCMConfig:
             raise ValueError(f"--loss_type must be huber or l2, got {self.loss_type!r}")
         if not self.huber_c > 0:
             raise ValueError(f"--huber_c must be positive, got {self.huber_c}")
-        if not 1 <= self.multiphase <= self.num_euler_timesteps:
-            raise ValueError(f"--multiphase {self.multiphase} must lie in 1..--num_euler_timesteps "
-                             f"({self.num_euler_timesteps})")
         if self.num_teacher_steps < 1:
             raise ValueError(f"--num_teacher_steps must be >= 1, got {self.num_teacher_steps}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"--ema_decay must lie in (0, 1), got {self.ema_decay}")
-
-    # the few-step schedule these settings define (PCM and DMD2 share it)
-    def solver_grid(self, num_image_tokens: int) -> paddle.Tensor:
-        """Solver grid ``[N + 1]`` (ascending) at the shift of ``num_image_tokens``."""
-        return schedules.solver_grid(self.num_euler_timesteps, schedules.resolution_mu(num_image_tokens))
-
-    def sampling_sigmas(self, num_image_tokens: int) -> paddle.Tensor:
-        """The K-step sampler's sigmas ``[K + 1]`` (1 -> 0, the phase edges) at the shift of ``num_image_tokens``."""
-        mu = schedules.resolution_mu(num_image_tokens)
-        return schedules.phase_sigmas(self.multiphase, self.num_euler_timesteps, mu)
-
-    def sampling_metadata(self) -> dict:
-        """Settings the inference entry point needs to sample the student (K Euler jumps between phase edges)."""
-        return {"num_inference_steps": self.multiphase, "multiphase": self.multiphase,
-                "num_euler_timesteps": self.num_euler_timesteps, "guidance_scale": self.guidance_scale,
-                "lora_scale": 1.0}
-
-
-@dataclass
-class LatentBatch:
-    """One training batch: clean packed latents and their text condition.
-
-    Attributes:
-        latents: ``[B, L, C]`` packed VAE latents (shifted and scaled), the data ``x0``.
-        cond: :class:`FluxCondition` (guidance is set by the method).
-        latent_size: ``(H, W)`` of the unpacked latent grid (for decoding previews).
-    """
-
-    latents: paddle.Tensor
-    cond: FluxCondition
-    latent_size: tuple = (0, 0)
 
 
 @dataclass
@@ -137,30 +99,30 @@ class ConsistencyPair:
         return self.at_boundary.astype("float32").mean().item()
 
 
-def export_student(transformer, output_dir: str, file_name: str, sampling: dict) -> str:
-    """Save the ``STUDENT`` adapter of ``transformer`` with its ``sampling`` metadata to ``output_dir/file_name``."""
-    path = os.path.join(output_dir, file_name)
-    save_lora(transformer, STUDENT, path, sampling=sampling)
-    return path
-
-
 class PCM(DistillationMethod):
     """PCM / LCM distillation of a FLUX teacher into a LoRA student on the same frozen base."""
 
-    def __init__(self, denoiser: FluxDenoiser, config: PCMConfig, lora_config: LoraConfig,
-                 teacher_guidance: str = "auto", unconditional: Optional[FluxCondition] = None):
+    def __init__(self, denoiser: FluxDenoiser, lora_config: LoraConfig, schedule: FewStepSchedule,
+                 config: Optional[PCMConfig] = None, teacher_guidance: str = "auto",
+                 unconditional: Optional[FluxCondition] = None):
         super().__init__()
+        config = PCMConfig() if config is None else config
+        if not isinstance(schedule, FewStepSchedule) or not isinstance(config, PCMConfig):
+            raise TypeError(f"PCM takes (denoiser, LoraConfig, FewStepSchedule, PCMConfig), got a "
+                            f"{type(schedule).__name__} schedule and a {type(config).__name__} config")
+        schedule.validate()
         config.validate()
         self.denoiser = denoiser
+        self.schedule = schedule
         self.config = config
         self.guidance_mode = resolve_guidance_mode(denoiser, teacher_guidance)
         if config.apply_cfg_solver:
-            check_unconditional(self.guidance_mode, config.guidance_scale, unconditional)
+            check_unconditional(self.guidance_mode, schedule.guidance_scale, unconditional)
         if self.guidance_mode == "embedded" and not config.apply_cfg_solver:
             raise ValueError("--not_apply_cfg_solver applies to CFG teachers only; an embedded-guidance "
                              "teacher always takes --guidance_scale as input")
         self.unconditional = unconditional
-        self.edges = schedules.phase_edge_indices(config.num_euler_timesteps, config.multiphase)
+        self.edges = schedules.phase_edge_indices(schedule.num_euler_timesteps, schedule.multiphase)
         transformer = denoiser.transformer
         inject_trainable_lora(transformer, lora_config, STUDENT)
         if config.ema_decay is not None:
@@ -197,17 +159,17 @@ class PCM(DistillationMethod):
     # ------------------------------------------------------------------ the PCM step
     def student_condition(self, cond: FluxCondition) -> FluxCondition:
         """The student sees the teacher's guidance scale when the base has a guidance embedding."""
-        return student_condition(cond, self.guidance_mode, self.config.guidance_scale)
+        return student_condition(cond, self.guidance_mode, self.schedule.guidance_scale)
 
     def grid(self, num_image_tokens: int) -> paddle.Tensor:
         """Solver grid ``[N + 1]`` (ascending) at the shift of ``num_image_tokens``."""
-        return self.config.solver_grid(num_image_tokens)
+        return self.schedule.solver_grid(num_image_tokens)
 
     @paddle.no_grad()
     def teacher_solve(self, x, sigma_from, sigma_to, cond: FluxCondition):
         """Guided teacher Euler from ``sigma_from`` to ``sigma_to`` ([B] each) in ``num_teacher_steps`` sub-steps."""
         steps = self.config.num_teacher_steps
-        scale = self.config.guidance_scale
+        scale = self.schedule.guidance_scale
         if self.guidance_mode == "cfg" and not self.config.apply_cfg_solver:
             scale = 1.0
         for j in range(steps):
@@ -251,7 +213,7 @@ class PCM(DistillationMethod):
 
     def draw_consistency_pair(self, batch: LatentBatch) -> ConsistencyPair:
         """:meth:`consistency_pair` at grid indices drawn uniformly in 1..N and fresh noise."""
-        index = schedules.draw_grid_index(1, self.config.num_euler_timesteps, batch.latents.shape[0])
+        index = schedules.draw_grid_index(1, self.schedule.num_euler_timesteps, batch.latents.shape[0])
         noise = paddle.randn(batch.latents.shape, dtype="float32")
         return self.consistency_pair(batch.latents, noise, index, batch.cond)
 
@@ -268,7 +230,7 @@ class PCM(DistillationMethod):
     # ------------------------------------------------------------------ sampling and export
     def sampling_sigmas(self, num_image_tokens: int) -> paddle.Tensor:
         """The K-step sampler's sigmas ``[K + 1]`` (1 -> 0) at the shift of ``num_image_tokens``."""
-        return self.config.sampling_sigmas(num_image_tokens)
+        return self.schedule.sampling_sigmas(num_image_tokens)
 
     @paddle.no_grad()
     def sample(self, noise, cond: FluxCondition, adapter: Optional[str] = STUDENT, sigmas=None):
@@ -279,7 +241,7 @@ class PCM(DistillationMethod):
         sigmas = self.sampling_sigmas(noise.shape[1]) if sigmas is None else sigmas
         if adapter is None:
             def velocity(x, s):
-                return teacher_velocity(self.denoiser, x, s, cond, self.config.guidance_scale, self.guidance_mode,
+                return teacher_velocity(self.denoiser, x, s, cond, self.schedule.guidance_scale, self.guidance_mode,
                                         self.unconditional)
             return sample_euler(velocity, noise, sigmas)
         student_cond = self.student_condition(cond)
@@ -291,7 +253,7 @@ class PCM(DistillationMethod):
 
     def sampling_metadata(self) -> dict:
         """Settings the inference entry point needs to sample with the student."""
-        return self.config.sampling_metadata()
+        return self.schedule.sampling_metadata()
 
     def export(self, output_dir: str) -> Optional[str]:
         """Write the student LoRA with its sampling metadata to ``output_dir/pcm_lora.safetensors``."""

@@ -3,8 +3,9 @@
     method = build_method(config.run.method, FluxDenoiser(transformer), lora_config, config,
                           teacher_guidance=config.model.teacher_guidance, unconditional=uncond)
 
-``config`` is any object with the sections the method reads as attributes: ``pcm`` (``PCMConfig``) always;
-``adversarial``, ``dmd``, ``reflow`` for ``flux_lightning``; ``adversarial``, ``dmd``, ``dmd2`` for ``dmd2``.
+``config`` is any object with the sections the method reads as attributes: ``schedule`` (``FewStepSchedule``:
+N, K, guidance) always; ``pcm`` (``PCMConfig``) for ``pcm`` and ``flux_lightning``; ``adversarial``, ``dmd``,
+``reflow`` for ``flux_lightning``; ``adversarial``, ``dmd``, ``dmd2`` for ``dmd2``.
 ``METHOD_USES`` names the sections each method reads (the training command line refuses the flags of the
 others); ``METHOD_SECTIONS`` lists the section classes for ``training.config.TrainConfig`` (field names are
 unique across sections, so each field is one command-line flag).
@@ -12,22 +13,22 @@ unique across sections, so each field is one command-line flag).
 from typing import Optional
 
 from .adversarial import AdversarialConfig
-from .base import DistillationMethod
+from .base import DistillationMethod, FewStepSchedule
 from .denoiser import FluxCondition, FluxDenoiser
 from .distribution_matching import DistributionMatchingConfig
 from .dmd2 import DMD2, DMD2Config
 from .flux_lightning import FluxLightning
-from .pcm import PCM
+from .pcm import PCM, PCMConfig
 from .reflow import ReflowConfig
 
 __all__ = ["METHODS", "METHOD_SECTIONS", "METHOD_USES", "build_method"]
 
 METHODS = ("pcm", "dmd2", "flux_lightning")
-METHOD_SECTIONS = {"adversarial": AdversarialConfig, "dmd": DistributionMatchingConfig, "reflow": ReflowConfig,
-                   "dmd2": DMD2Config}
+METHOD_SECTIONS = {"schedule": FewStepSchedule, "pcm": PCMConfig, "adversarial": AdversarialConfig,
+                   "dmd": DistributionMatchingConfig, "reflow": ReflowConfig, "dmd2": DMD2Config}
 # the method sections each method reads
-METHOD_USES = {"pcm": ("pcm",), "flux_lightning": ("pcm", "adversarial", "dmd", "reflow"),
-               "dmd2": ("pcm", "adversarial", "dmd", "dmd2")}
+METHOD_USES = {"pcm": ("schedule", "pcm"), "flux_lightning": ("schedule", "pcm", "adversarial", "dmd", "reflow"),
+               "dmd2": ("schedule", "adversarial", "dmd", "dmd2")}
 
 
 def _sections(name: str, config):
@@ -45,9 +46,9 @@ def build_method(name: str, denoiser: FluxDenoiser, lora_config, config, teacher
         raise ValueError(f"unknown method {name!r}; choose one of {METHODS}")
     sections = _sections(name, config)
     if name == "dmd2":
-        return DMD2(denoiser, lora_config, sections["pcm"], sections["dmd"], sections["adversarial"],
+        return DMD2(denoiser, lora_config, sections["schedule"], sections["dmd"], sections["adversarial"],
                     sections["dmd2"], teacher_guidance, unconditional)
-    pcm = PCM(denoiser, sections["pcm"], lora_config, teacher_guidance, unconditional)
+    pcm = PCM(denoiser, lora_config, sections["schedule"], sections["pcm"], teacher_guidance, unconditional)
     if name == "pcm":
         return pcm
     return FluxLightning(pcm, sections["adversarial"], sections["dmd"], sections["reflow"], lora_config)

@@ -1,4 +1,4 @@
-"""Method-ready batches (``methods.pcm.LatentBatch``) from the data pipeline, endlessly and resumably.
+"""Method-ready batches (``methods.base.LatentBatch``) from the data pipeline, endlessly and resumably.
 
 Batches of encoded samples, as the latent cache (``data.cache``) and the on-the-fly encoders give them::
 
@@ -24,7 +24,7 @@ from ..data.cache import collate_cached
 from ..data.datasets import RobustDataLoader
 from ..data.sampler import ResumableDistributedBatchSampler
 from ..methods.denoiser import FluxCondition
-from ..methods.pcm import LatentBatch
+from ..methods.base import LatentBatch
 from ..models.safetensors_io import load_file
 from ..pipelines.latents import latent_image_ids, pack_latents
 

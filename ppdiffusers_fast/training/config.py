@@ -4,7 +4,7 @@ Every field of the dataclasses below is one command-line flag of the same name (
 booleans get ``--name`` / ``--no_name``. Defaults are the FLUX-Lightning reference run
 (ALGORITHMS.md: FLUX.1-dev teacher, LoRA rank 32, lr 5e-6, AdamW weight decay 1e-3, Huber loss,
 guidance 3.5, N = 100, K = 4, bf16, gradient checkpointing, batch 1 per device, 28,652 steps).
-The method sections (``PCMConfig`` ...) live beside their methods and are composed here.
+The method sections (``FewStepSchedule``, ``PCMConfig`` ...) live beside their methods and are composed here.
 
 Flags that the reference script parses but this library does not implement are still parsed, so
 that a reference command line gives a clear error naming the flag instead of "unrecognized
@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from ..config_fields import flag
 from ..methods.adversarial import AdversarialConfig
+from ..methods.base import FewStepSchedule
 from ..methods.distribution_matching import DistributionMatchingConfig
 from ..methods.dmd2 import DMD2Config
 from ..methods.pcm import PCMConfig
@@ -113,6 +114,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    schedule: FewStepSchedule = field(default_factory=FewStepSchedule)
     pcm: PCMConfig = field(default_factory=PCMConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     dmd: DistributionMatchingConfig = field(default_factory=DistributionMatchingConfig)

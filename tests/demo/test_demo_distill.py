@@ -55,6 +55,18 @@ def test_latent_cache_matches_the_teacher_encoders(latent_cache, teacher):
     assert len(dataset) == 40 and dataset.unconditional_condition() is not None
 
 
+@pytest.mark.parametrize("row", ["pcm", "pcm_adv", "pcm_adv_dmd", "flux_lightning", "dmd2"])
+def test_every_ablation_recipe_is_a_valid_command_line(row, tmp_path):
+    from demo.distill import recipe_for, training_argv
+    from ppdiffusers_fast.training.config import config_from_args
+
+    recipe = recipe_for(row)
+    config = config_from_args(training_argv(recipe, tmp_path, tmp_path / "latents.safetensors", DEMO_MODEL_DIR))
+    assert config.run.method == recipe.method
+    assert (config.schedule.num_euler_timesteps, config.schedule.multiphase) == (recipe.num_euler_timesteps,
+                                                                                 recipe.multiphase)
+
+
 def test_training_checkpoints_resumes_and_exports_a_loadable_lora(tmp_path, latent_cache):
     from demo.distill import recipe_for, training_argv
     from ppdiffusers_fast.models.lora_io import read_safetensors

@@ -7,7 +7,8 @@ from ppdiffusers_fast.methods.denoiser import FluxCondition, FluxDenoiser
 from ppdiffusers_fast.methods.distribution_matching import DistributionMatchingConfig
 from ppdiffusers_fast.methods.dmd2 import DMD2, DMD2Config
 from ppdiffusers_fast.methods.flux_lightning import FluxLightning
-from ppdiffusers_fast.methods.pcm import PCM, LatentBatch, PCMConfig
+from ppdiffusers_fast.methods.base import FewStepSchedule, LatentBatch
+from ppdiffusers_fast.methods.pcm import PCM, PCMConfig
 from ppdiffusers_fast.methods.reflow import ReflowConfig
 from ppdiffusers_fast.models.lora import adapter_parameters, inject_trainable_lora, lora_layers
 from ppdiffusers_fast.pipelines.latents import latent_image_ids, pack_latents
@@ -46,16 +47,17 @@ def randomize_adapters(denoiser, names, scale=0.2, seed=5):
             param.set_value(paddle.to_tensor((rng.randn(*param.shape) * scale).astype("float32")))
 
 
-def pcm_config(**kw):
+def tiny_schedule(**kw):
+    """The few-step schedule of the method tests: N = 8 grid steps, K = 2 phases."""
     kw.setdefault("num_euler_timesteps", 8)
     kw.setdefault("multiphase", 2)
-    return PCMConfig(**kw)
+    return FewStepSchedule(**kw)
 
 
 def tiny_flux_lightning(seed=0, adv=True, dmd=True, reflow=True, fake_score="auto", adv_kw=None, dmd_kw=None,
-                        pcm_kw=None, reflow_kw=None):
+                        pcm_kw=None, reflow_kw=None, schedule_kw=None):
     denoiser = tiny_denoiser(seed)
-    pcm = PCM(denoiser, pcm_config(**(pcm_kw or {})), TINY_LORA)
+    pcm = PCM(denoiser, TINY_LORA, tiny_schedule(**(schedule_kw or {})), PCMConfig(**(pcm_kw or {})))
     adversarial = AdversarialConfig(adv_weight=0.1 if adv else 0.0, adv_head_channels=HEAD_CHANNELS,
                                     **(adv_kw or {}))
     dmd_config = DistributionMatchingConfig(use_dmd_loss=dmd, dmd_fake_score=fake_score, **(dmd_kw or {}))
@@ -65,7 +67,7 @@ def tiny_flux_lightning(seed=0, adv=True, dmd=True, reflow=True, fake_score="aut
 
 def tiny_dmd2(seed=0, gan_weight=0.1, fake_score_updates=2, **dmd2_kw):
     denoiser = tiny_denoiser(seed)
-    return DMD2(denoiser, TINY_LORA, pcm_config(),
+    return DMD2(denoiser, TINY_LORA, tiny_schedule(),
                 DistributionMatchingConfig(dmd_fake_score_updates=fake_score_updates),
                 AdversarialConfig(adv_head_channels=HEAD_CHANNELS),
                 DMD2Config(dmd2_gan_weight=gan_weight, **dmd2_kw))

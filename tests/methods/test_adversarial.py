@@ -9,7 +9,7 @@ from lightning_toys import (HEAD_CHANNELS, base_parameters, clear_gradients, has
                             student_denoiser, tiny_batch, tiny_denoiser, tiny_flux)
 
 from ppdiffusers_fast.methods.adversarial import AdversarialConfig, AdversarialLearning, latent_grid_hw
-from ppdiffusers_fast.methods.pcm import LatentBatch
+from ppdiffusers_fast.methods.base import LatentBatch
 from ppdiffusers_fast.models.lora import adapter_parameters, record_live_adapters, use_adapters
 from ppdiffusers_fast.methods.denoiser import FluxDenoiser
 

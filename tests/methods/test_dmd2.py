@@ -3,7 +3,7 @@ own loss (generator: student adapter, fake score: its adapter, discriminator: th
 import numpy as np
 import paddle
 import pytest
-from lightning_toys import (TINY_LORA, base_parameters, changed, group_values, groups_reached, pcm_config,
+from lightning_toys import (TINY_LORA, base_parameters, changed, group_values, groups_reached, tiny_schedule,
                             randomize_adapters, run_trainer, tiny_batch, tiny_denoiser, tiny_dmd2)
 
 from ppdiffusers_fast import schedules
@@ -79,7 +79,7 @@ def test_backward_simulation_runs_the_students_own_steps_without_a_graph():
         v = method.denoiser(noise, paddle.full([2], 1.0), cond)
     np.testing.assert_allclose(x_1.numpy(), (noise + (levels[1] - 1.0) * v).numpy(), rtol=1e-5, atol=1e-6)
 
-    data_noised = DMD2(tiny_denoiser(), TINY_LORA, pcm_config(), DistributionMatchingConfig(),
+    data_noised = DMD2(tiny_denoiser(), TINY_LORA, tiny_schedule(), DistributionMatchingConfig(),
                        AdversarialConfig(adv_head_channels=8), DMD2Config(dmd2_backward_simulation=False))
     paddle.seed(4)
     x = data_noised.generator_input(batch.latents, 1, levels, cond)
@@ -88,13 +88,13 @@ def test_backward_simulation_runs_the_students_own_steps_without_a_graph():
 
 def test_configuration_errors_and_export(tmp_path):
     with pytest.raises(ValueError, match="--dmd_fake_score adapter"):
-        DMD2(tiny_denoiser(), TINY_LORA, pcm_config(), DistributionMatchingConfig(dmd_fake_score="student"),
+        DMD2(tiny_denoiser(), TINY_LORA, tiny_schedule(), DistributionMatchingConfig(dmd_fake_score="student"),
              AdversarialConfig(), DMD2Config())
     with pytest.raises(ValueError, match="no_use_dmd_loss"):
-        DMD2(tiny_denoiser(), TINY_LORA, pcm_config(), DistributionMatchingConfig(use_dmd_loss=False),
+        DMD2(tiny_denoiser(), TINY_LORA, tiny_schedule(), DistributionMatchingConfig(use_dmd_loss=False),
              AdversarialConfig(), DMD2Config())
     with pytest.raises(ValueError, match="--adv_weight, --dmd_weight"):
-        DMD2(tiny_denoiser(), TINY_LORA, pcm_config(), DistributionMatchingConfig(dmd_weight=1.0),
+        DMD2(tiny_denoiser(), TINY_LORA, tiny_schedule(), DistributionMatchingConfig(dmd_weight=1.0),
              AdversarialConfig(adv_weight=0.5), DMD2Config())
     method = _randomized()
     path = method.export(str(tmp_path))

@@ -12,7 +12,8 @@ from training_toys import TINY_LORA, latent_stream, tiny_flux, tiny_pcm  # noqa:
 
 from ppdiffusers_fast import schedules  # noqa: E402
 from ppdiffusers_fast.methods.denoiser import FluxCondition, FluxDenoiser  # noqa: E402
-from ppdiffusers_fast.methods.pcm import EMA_TARGET, PCM, STUDENT, PCMConfig  # noqa: E402
+from ppdiffusers_fast.methods.base import STUDENT, FewStepSchedule  # noqa: E402
+from ppdiffusers_fast.methods.pcm import EMA_TARGET, PCM, PCMConfig  # noqa: E402
 from ppdiffusers_fast.models.lora import adapter_parameters, record_live_adapters, use_adapters  # noqa: E402
 from ppdiffusers_fast.training.optim import OptimizerSettings  # noqa: E402
 from ppdiffusers_fast.training.trainer import Trainer, TrainerSettings  # noqa: E402
@@ -116,10 +117,9 @@ def test_cfg_teacher_guides_with_the_unconditional_embedding():
     batch = _batch(2)
     uncond = FluxCondition(paddle.zeros([1, 6, 32]), paddle.zeros([1, 32]), batch.cond.txt_ids, batch.cond.img_ids)
     with pytest.raises(ValueError, match="unconditional"):
-        PCM(FluxDenoiser(transformer), PCMConfig(num_euler_timesteps=8, multiphase=2), TINY_LORA)
-    method = PCM(FluxDenoiser(tiny_flux(guidance_embeds=False)), PCMConfig(num_euler_timesteps=8, multiphase=2,
-                                                                            guidance_scale=4.0), TINY_LORA,
-                 unconditional=uncond)
+        PCM(FluxDenoiser(transformer), TINY_LORA, FewStepSchedule(num_euler_timesteps=8, multiphase=2))
+    method = PCM(FluxDenoiser(tiny_flux(guidance_embeds=False)), TINY_LORA,
+                 FewStepSchedule(num_euler_timesteps=8, multiphase=2, guidance_scale=4.0), unconditional=uncond)
     assert method.guidance_mode == "cfg"
     x = paddle.randn(batch.latents.shape)
     sigma = paddle.to_tensor([0.7, 0.4])
@@ -204,9 +204,19 @@ def test_pcm_loss_decreases_on_a_tiny_teacher(tmp_path, loss_type, max_ratio):
     assert last < first
 
 
+def test_pcm_takes_the_shared_schedule_and_its_own_config():
+    denoiser = FluxDenoiser(tiny_flux())
+    with pytest.raises(TypeError, match="FewStepSchedule"):
+        PCM(denoiser, TINY_LORA, PCMConfig())  # the PCM-only settings in place of the schedule
+    method = PCM(denoiser, TINY_LORA, FewStepSchedule(num_euler_timesteps=6, multiphase=3, guidance_scale=2.0))
+    assert method.edges == [0, 2, 4, 6] and method.config == PCMConfig()
+    assert method.sampling_metadata() == {"num_inference_steps": 3, "multiphase": 3, "num_euler_timesteps": 6,
+                                          "guidance_scale": 2.0, "lora_scale": 1.0}
+
+
 def test_config_errors_name_the_flag():
     with pytest.raises(ValueError, match="--multiphase"):
-        PCMConfig(num_euler_timesteps=4, multiphase=5).validate()
+        FewStepSchedule(num_euler_timesteps=4, multiphase=5).validate()
     with pytest.raises(ValueError, match="--ema_decay"):
         PCMConfig(ema_decay=1.5).validate()
     with pytest.raises(ValueError, match="not_apply_cfg_solver"):

@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from training_toys import TINY_LORA, latent_stream, tiny_flux  # noqa: E402
 
 from ppdiffusers_fast.methods.denoiser import FluxDenoiser  # noqa: E402
-from ppdiffusers_fast.methods.pcm import PCM, PCMConfig  # noqa: E402
+from ppdiffusers_fast.methods.base import FewStepSchedule  # noqa: E402
+from ppdiffusers_fast.methods.pcm import PCM  # noqa: E402
 from ppdiffusers_fast.training import distributed as dist  # noqa: E402
 from ppdiffusers_fast.training.checkpoint import save_arrays  # noqa: E402
 from ppdiffusers_fast.training.optim import OptimizerSettings  # noqa: E402
@@ -26,7 +27,7 @@ def main(output_dir: str) -> None:
     rank, world = dist.rank(), dist.world_size()
     transformer = tiny_flux(seed=0)
     paddle.seed(100 + rank)  # different initial adapters on purpose
-    method = PCM(FluxDenoiser(transformer), PCMConfig(num_euler_timesteps=8, multiphase=2), TINY_LORA)
+    method = PCM(FluxDenoiser(transformer), TINY_LORA, FewStepSchedule(num_euler_timesteps=8, multiphase=2))
     settings = TrainerSettings(output_dir=output_dir, max_train_steps=4, checkpointing_steps=2, seed=7,
                                report_to="none", optimizer=OptimizerSettings(learning_rate=5e-3))
     Trainer(method, latent_stream(num_samples=8, batch_size=2, rank=rank, world_size=world), settings).train()

@@ -32,8 +32,8 @@ def test_reference_pcm_flags_map_onto_the_config():
     assert config.model.lora_rank == 32 and config.model.gradient_checkpointing is True
     assert config.optim.learning_rate == 5e-6 and config.optim.adam_weight_decay == 1e-3
     assert config.optim.max_train_steps == 28652 and config.optim.gradient_accumulation_steps == 1
-    assert (config.pcm.loss_type, config.pcm.guidance_scale) == ("huber", 3.5)
-    assert (config.pcm.num_euler_timesteps, config.pcm.multiphase) == (100, 4)
+    assert (config.pcm.loss_type, config.schedule.guidance_scale) == ("huber", 3.5)
+    assert (config.schedule.num_euler_timesteps, config.schedule.multiphase) == (100, 4)
     assert (config.run.checkpointing_steps, config.run.checkpoints_total_limit) == (1000, 30)
     assert config.run.resume_from_checkpoint == "latest" and config.run.seed == 453645634
     assert config.run.validation_steps == 20000 and config.data.dataloader_num_workers == 32
@@ -42,7 +42,8 @@ def test_reference_pcm_flags_map_onto_the_config():
 def test_defaults_are_the_reference_run():
     default = TrainConfig()
     parsed = config_from_args(shlex.split(PCM_PART))
-    assert config_to_dict(parsed)["pcm"] == config_to_dict(default)["pcm"]
+    for section in ("schedule", "pcm"):
+        assert config_to_dict(parsed)[section] == config_to_dict(default)[section]
     for section in ("optim", "run"):
         for key, value in config_to_dict(default)[section].items():
             if key not in ("dataloader_num_workers",):
@@ -54,6 +55,17 @@ def test_full_reference_command_selects_flux_lightning_sections():
     assert config.adversarial.adv_weight == 0.1 and config.adversarial.adv_lr == 1e-5
     assert config.dmd.use_dmd_loss is True and config.dmd.dmd_weight == 0.01
     assert config.reflow.apply_reflow_loss is True and config.reflow.reflow_loss_weight == 0.01
+
+
+def test_dmd2_reads_the_shared_schedule_and_refuses_pcm_only_flags(capsys):
+    config = config_from_args(["--method", "dmd2", "--guidance_scale", "2.5", "--multiphase", "2",
+                               "--num_euler_timesteps", "20"])
+    assert (config.schedule.guidance_scale, config.schedule.multiphase, config.schedule.num_euler_timesteps) == \
+        (2.5, 2, 20)
+    for flag in ("--loss_type", "--num_teacher_steps"):
+        with pytest.raises(SystemExit):
+            config_from_args(["--method", "dmd2", flag, "2" if flag == "--num_teacher_steps" else "l2"])
+        assert f"--method dmd2 does not use {flag}" in capsys.readouterr().err
 
 
 def test_flags_of_another_method_are_refused_for_pcm(capsys):

@@ -47,7 +47,7 @@ def test_train_resume_and_export(tmp_path, entry_point):
     assert first.step == 4 and first.resumed_from is None and np.isfinite(first.losses["pcm"])
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     saved_config = ckpt.read_json(out / "checkpoint-4" / "config.json")
-    assert saved_config["pcm"]["multiphase"] == 2 and saved_config["model"]["lora_rank"] == 4
+    assert saved_config["schedule"]["multiphase"] == 2 and saved_config["model"]["lora_rank"] == 4
     assert any((out / "logs").rglob("*")), "VisualDL wrote nothing"
 
     second = entry_point(_argv(teacher, data, out, 6))

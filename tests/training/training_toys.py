@@ -8,6 +8,7 @@ import paddle.nn as nn
 
 from ppdiffusers_fast.methods.base import DistillationMethod, StepResult
 from ppdiffusers_fast.methods.denoiser import FluxDenoiser
+from ppdiffusers_fast.methods.base import FewStepSchedule
 from ppdiffusers_fast.methods.pcm import PCM, PCMConfig
 from ppdiffusers_fast.training.batches import InMemoryLatentDataset, LoaderStream, latent_loader
 
@@ -34,10 +35,8 @@ def tiny_pcm(seed=0, ema_decay=None, multiphase=2, num_euler_timesteps=8, lora=T
     """PCM on a fresh tiny FLUX (same seed -> same base and same initial adapter)."""
     transformer = tiny_flux(seed)
     denoiser = FluxDenoiser(transformer)
-    config = PCMConfig(num_euler_timesteps=num_euler_timesteps, multiphase=multiphase, ema_decay=ema_decay,
-                       **pcm_kwargs)
-    method = PCM(denoiser, config, lora)
-    return method
+    schedule = FewStepSchedule(num_euler_timesteps=num_euler_timesteps, multiphase=multiphase)
+    return PCM(denoiser, lora, schedule, PCMConfig(ema_decay=ema_decay, **pcm_kwargs))
 
 
 def latent_stream(num_samples=8, batch_size=2, rank=0, world_size=1, seed=0):

@@ -60,8 +60,8 @@ class DemoRecipe:
     lora_target_modules: str = "extended"
     num_euler_timesteps: int = 16
     multiphase: int = 4
-    loss_type: str = "huber"
-    huber_c: float = 0.001
+    loss_type: Optional[str] = "huber"  # PCM's consistency loss (pcm, flux_lightning)
+    huber_c: Optional[float] = 0.001
     adam_weight_decay: float = 1e-3
     checkpointing_steps: int = 300
     checkpoints_total_limit: int = 2
@@ -101,9 +101,9 @@ METHOD_RECIPES: Dict[str, DemoRecipe] = {
     "pcm": DemoRecipe(method="pcm", **_PCM_ONLY),
     "pcm_adv": DemoRecipe(use_dmd_loss=False, apply_reflow_loss=False, dmd_weight=None, reflow_loss_weight=None),
     "pcm_adv_dmd": DemoRecipe(apply_reflow_loss=False, reflow_loss_weight=None),
-    "dmd2": DemoRecipe(method="dmd2", adv_weight=None, use_dmd_loss=None, dmd_weight=None, apply_reflow_loss=None,
-                       reflow_loss_weight=None, dmd_fake_score="adapter", dmd_fake_score_updates=2,
-                       dmd2_gan_weight=5e-3),
+    "dmd2": DemoRecipe(method="dmd2", loss_type=None, huber_c=None, adv_weight=None, use_dmd_loss=None,
+                       dmd_weight=None, apply_reflow_loss=None, reflow_loss_weight=None, dmd_fake_score="adapter",
+                       dmd_fake_score_updates=2, dmd2_gan_weight=5e-3),
 }
 
 
