@@ -11,6 +11,8 @@ A training batch (``pixel_values`` path)::
     {"pixel_values": [B, 3, H, W] float32 in [-1, 1], "captions": [B] str, "indices": [B] int64,
      "bad_records": list of (reason, where, detail), "num_records": [1] int64 (good + bad)}
 """
+import os
+
 import numpy as np
 import paddle
 
@@ -50,17 +52,26 @@ class ImageCaptionDataset(paddle.io.Dataset):
 
 
 class TarShardStream(paddle.io.IterableDataset):
-    """Streams tar shards (``TarShardReader.iter_records``), split over replicas and workers.
+    """Streams tar shards (``TarShardReader.iter_records``), split over replicas and workers, resumable.
 
     Shard ``s`` of the (per-epoch shuffled) shard list goes to global worker
-    ``s % (num_replicas * num_workers)``. Use ``ImageCaptionDataset`` over an indexed
-    ``TarShardReader`` when exact mid-epoch resume is needed; a stream restarts its epoch.
+    ``s % (num_replicas * num_workers)``. Every item carries its ``position`` (shard id, ordinal in the
+    shard); :class:`RobustDataLoader` reports the positions of the batches the training loop received to
+    :meth:`mark_consumed`, so :meth:`state_dict` is "items consumed per shard this epoch" and a restored
+    stream passes over exactly those items (without decoding them) and goes on at the next one.
+    With ``num_workers=0`` the resumed batches are exactly those an uninterrupted run would have given; with
+    workers each worker resumes at its next item, but the order in which workers' batches interleave
+    starts again from worker 0.
 
     Args:
         reader: ``TarShardReader`` (``build_index=False`` is enough).
-        transform, min_width, min_height: as :class:`ImageCaptionDataset`.
+        transform, min_width, min_height: as :class:`ImageCaptionDataset`; the transform's index is the
+            item's :func:`stable_index` (the same crop and flip after a resume).
         num_replicas, rank: data-parallel layout (default from ``paddle.distributed``).
-        seed: shuffles the shard order per epoch (``set_epoch``); ``None`` keeps the order.
+        seed: shuffles the shard order per epoch; ``None`` keeps the order.
+    Returns per item:
+        ``{"pixel_values": [3, H, W], "caption": str, "index": stable index, "position": [shard id, ordinal]}``
+        or ``{"bad_record": tuple, "position": [...]}``.
     """
 
     def __init__(self, reader, transform, min_width=0, min_height=0, num_replicas=None, rank=None, seed=0):
@@ -69,9 +80,34 @@ class TarShardStream(paddle.io.IterableDataset):
         self.num_replicas = paddle.distributed.get_world_size() if num_replicas is None else num_replicas
         self.rank = paddle.distributed.get_rank() if rank is None else rank
         self.seed, self.epoch = seed, 0
+        self.consumed = {}  # shard id -> items of that shard consumed in this epoch
 
     def set_epoch(self, epoch):
-        self.epoch = epoch
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, {}
+
+    def end_epoch(self):
+        self.set_epoch(self.epoch + 1)
+
+    def mark_consumed(self, positions):
+        """``positions``: ``[N, 2]`` (shard id, ordinal) of items the training loop received."""
+        for shard_id, ordinal in np.asarray(positions, dtype=np.int64).reshape(-1, 2).tolist():
+            self.consumed[shard_id] = max(self.consumed.get(shard_id, 0), ordinal + 1)
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "consumed": {str(k): v for k, v in sorted(self.consumed.items())},
+                "shards": [os.path.basename(path) for path in self.reader.shards], "seed": self.seed,
+                "num_replicas": self.num_replicas}
+
+    def set_state_dict(self, state):
+        """Restore the position; the shard list, seed and number of replicas must be those of the saved run."""
+        now = self.state_dict()
+        mismatched = [f"{key} saved={state[key]} now={now[key]}" for key in ("shards", "seed", "num_replicas")
+                      if state.get(key) != now[key]]
+        if mismatched:
+            raise ValueError("cannot resume the tar-shard stream: " + "; ".join(mismatched))
+        self.epoch = int(state["epoch"])
+        self.consumed = {int(k): int(v) for k, v in state["consumed"].items()}
 
     def my_shards(self, worker_id=0, num_workers=1):
         order = np.arange(len(self.reader.shards))
@@ -83,16 +119,24 @@ class TarShardStream(paddle.io.IterableDataset):
     def __iter__(self):
         info = paddle.io.get_worker_info()
         shard_ids = self.my_shards(info.id, info.num_workers) if info is not None else self.my_shards()
-        for position, item in enumerate(self.reader.iter_records(shard_ids)):
+        for shard_id, ordinal, item in self.reader.iter_records(shard_ids, skip=self.consumed):
+            position = [shard_id, ordinal]
             if not hasattr(item, "image_bytes"):  # a BadRecord
-                yield {BAD_KEY: item.as_tuple()}
+                yield {BAD_KEY: item.as_tuple(), "position": position}
                 continue
             try:
                 image = decode_image(item.image_bytes, item.where, self.min_width, self.min_height)
             except BadRecordError as error:
-                yield {BAD_KEY: error.record.as_tuple()}
+                yield {BAD_KEY: error.record.as_tuple(), "position": position}
                 continue
-            yield {"pixel_values": self.transform(image, position), "caption": item.caption, "index": position}
+            index = stable_index(shard_id, ordinal)
+            yield {"pixel_values": self.transform(image, index), "caption": item.caption, "index": index,
+                   "position": position}
+
+
+def stable_index(shard_id, ordinal):
+    """One int64 per streamed item, fixed across passes and resumes: ``shard_id * 2**32 + ordinal``."""
+    return (int(shard_id) << 32) + int(ordinal)
 
 
 def _count(samples):
@@ -105,6 +149,8 @@ def collate_samples(samples):
     """List of dataset items -> training batch dict (see the module docstring); bad items dropped."""
     good = [s for s in samples if BAD_KEY not in s]
     batch = {"bad_records": [s[BAD_KEY] for s in samples if BAD_KEY in s], "num_records": _count(samples)}
+    if any("position" in s for s in samples):  # streamed items: where each one (good or bad) came from
+        batch["positions"] = np.array([s["position"] for s in samples], dtype=np.int64).reshape(-1, 2)
     if good:
         shapes = {tuple(s["pixel_values"].shape) for s in good}
         if len(shapes) > 1:
@@ -142,6 +188,7 @@ class RobustDataLoader:
         self.counter = counter or BadRecordCounter()
         self.collate_fn, self.num_workers = collate_fn, num_workers
         self._resumable = isinstance(batch_sampler, ResumableDistributedBatchSampler)
+        self._stream = dataset if hasattr(dataset, "mark_consumed") else None  # a resumable stream
         if batch_sampler is not None:
             if len(dataset) == 0:
                 raise TooManyBadRecordsError("the data set has no readable records" + _index_errors(dataset))
@@ -194,12 +241,16 @@ class RobustDataLoader:
             if sampler.position >= len(sampler):
                 sampler.set_epoch(sampler.epoch + 1)
             self._epoch, self._consumed = sampler.epoch, sampler.position
+        resumed_stream = self._stream is not None and bool(self._stream.consumed)
         records_this_pass = 0
         for batch in self._raw_batches():
             if sampler is not None:
                 self._consumed += 1
             bad_records = batch.pop("bad_records")
             count = batch.pop("num_records")
+            positions = batch.pop("positions", None)
+            if positions is not None and self._stream is not None:
+                self._stream.mark_consumed(positions.numpy() if hasattr(positions, "numpy") else positions)
             num_records = int((count.numpy() if hasattr(count, "numpy") else np.asarray(count)).reshape(-1)[0])
             records_this_pass += num_records
             for bad in bad_records:
@@ -208,14 +259,22 @@ class RobustDataLoader:
             self.counter.check()
             if num_records > len(bad_records):
                 yield batch
+        if records_this_pass == 0 and resumed_stream:  # resumed after the epoch's last batch: next epoch
+            self._stream.end_epoch()
+            return
         if records_this_pass == 0:
             raise TooManyBadRecordsError("a pass over the data set produced no records at all"
                                          + _index_errors(self.dataset))
+        if self._stream is not None:
+            self._stream.end_epoch()
         self.counter.end_epoch()
 
     def state_dict(self):
-        """``{"sampler": {..., epoch, position = batches received}, "bad_records": counts}``."""
+        """``{"sampler": {..., epoch, position = batches received}, "bad_records": counts}``, or for a
+        resumable stream ``"stream"`` (items received per shard) instead of ``"sampler"``."""
         state = {"bad_records": self.counter.state_dict()}
+        if self._stream is not None:
+            state["stream"] = self._stream.state_dict()
         if self._resumable:
             sampler_state = self.batch_sampler.state_dict()
             if self._epoch is not None:
@@ -225,6 +284,10 @@ class RobustDataLoader:
 
     def set_state_dict(self, state):
         self.counter.set_state_dict(state["bad_records"])
+        if self._stream is not None:
+            if "stream" not in state:
+                raise ValueError("cannot resume a tar-shard stream from a state without a stream position")
+            self._stream.set_state_dict(state["stream"])
         if self._resumable:
             self.batch_sampler.set_state_dict(state["sampler"])
         self._epoch = self._consumed = None

@@ -10,7 +10,8 @@ The key is the member path up to the first dot of its file name. :class:`TarShar
 both access patterns over the same shards:
 
 * ``iter_records()`` streams each shard front to back with ``tarfile`` in stream mode (``r|*``,
-  compressed shards too), grouping consecutive members by key;
+  compressed shards too), grouping consecutive members by key; each item has a fixed ordinal in its
+  shard, so a stream can resume at the item where it stopped (``skip``);
 * ``read(index)`` gives random access for shuffled, resumable training: an index of member offsets
   built from the tar headers (uncompressed ``.tar`` only) and reads by seeking.
 
@@ -133,22 +134,29 @@ class TarShardReader:
             raise BadRecordError(MISSING_FILE, f"{shard}:{key}", error.strerror or error) from None
         return assemble_record(shard, key, parts)
 
-    def iter_records(self, shard_ids=None):
+    def iter_records(self, shard_ids=None, skip=None):
         """Stream records shard by shard.
 
         Args:
             shard_ids: which shards (indices into ``self.shards``); all by default.
+            skip: optional ``{shard id: n}``; the first ``n`` items of that shard are passed over without
+                reading their data (to resume a stream at the record where it stopped).
         Yields:
-            :class:`RawRecord` for good samples, :class:`BadRecord` for bad ones, in shard order.
+            ``(shard id, ordinal, item)``: ``item`` a :class:`RawRecord` for a good sample or a
+            :class:`BadRecord`; ``ordinal`` counts the items of the shard from 0 (the same on every pass).
         """
+        skip = skip or {}
         for shard_id in range(len(self.shards)) if shard_ids is None else shard_ids:
-            yield from self._stream_shard(self.shards[shard_id])
+            for ordinal, item in self._stream_shard(self.shards[shard_id], skip.get(shard_id, 0)):
+                yield shard_id, ordinal, item
 
-    def _stream_shard(self, shard):
+    def _stream_shard(self, shard, skip=0):
+        """``(ordinal, item)`` of one shard; items with ``ordinal < skip`` are not read."""
         if not os.path.isfile(shard):
-            yield BadRecord(MISSING_FILE, shard, "shard does not exist")
+            if skip < 1:
+                yield 0, BadRecord(MISSING_FILE, shard, "shard does not exist")
             return
-        key, parts = None, {}
+        key, parts, ordinal = None, {}, -1
         try:
             with tarfile.open(shard, mode="r|*") as archive:
                 for member in archive:
@@ -156,10 +164,10 @@ class TarShardReader:
                         continue
                     member_key, extension = split_key(member.name)
                     if member_key != key:
-                        if key is not None:
-                            yield _assemble_or_bad(shard, key, parts)
-                        key, parts = member_key, {}
-                    if extension in IMAGE_EXTENSIONS + CAPTION_EXTENSIONS:
+                        if key is not None and ordinal >= skip:
+                            yield ordinal, _assemble_or_bad(shard, key, parts)
+                        key, parts, ordinal = member_key, {}, ordinal + 1
+                    if ordinal >= skip and extension in IMAGE_EXTENSIONS + CAPTION_EXTENSIONS:
                         data = archive.extractfile(member).read()
                         if len(data) != member.size:
                             raise tarfile.ReadError(f"member {member.name} is cut short")
@@ -167,10 +175,12 @@ class TarShardReader:
                 if shard.endswith(".tar"):
                     check_end_of_archive(shard, archive.offset)
         except (tarfile.TarError, EOFError, OSError) as error:
-            yield BadRecord(TRUNCATED_SHARD, shard, f"{error}; sample {key} and later ones dropped")
+            # the sample being read at the cut is dropped; the report takes its place in the ordinals
+            if max(ordinal, 0) >= skip:
+                yield max(ordinal, 0), BadRecord(TRUNCATED_SHARD, shard, f"{error}; sample {key} and later ones dropped")
             return
-        if key is not None:
-            yield _assemble_or_bad(shard, key, parts)
+        if key is not None and ordinal >= skip:
+            yield ordinal, _assemble_or_bad(shard, key, parts)
 
 
 def check_end_of_archive(shard, offset):

@@ -228,7 +228,7 @@ def test_tar_shard_cut_anywhere_is_reported(tmp_path, cut_inside_header):
     reader = TarShardReader([str(tmp_path / "cut.tar")])
     assert [e.reason for e in reader.index_errors] == ["truncated_shard"]
     assert [reader.read(i).caption for i in range(len(reader))] == ["before the cut"]
-    streamed = list(reader.iter_records())
+    streamed = [item for _, _, item in reader.iter_records()]
     assert [getattr(r, "caption", None) for r in streamed[:-1]] == ["before the cut"]
     assert streamed[-1].reason == "truncated_shard" and "cut.tar" in streamed[-1].where
     complete = tmp_path / "complete.tar"
@@ -236,7 +236,7 @@ def test_tar_shard_cut_anywhere_is_reported(tmp_path, cut_inside_header):
         add_member(archive, "a.jpg", image_bytes())
         add_member(archive, "a.txt", b"whole")
     assert TarShardReader([str(complete)]).index_errors == []
-    assert [r.caption for r in TarShardReader([str(complete)], build_index=False).iter_records()] == ["whole"]
+    assert [r.caption for _, _, r in TarShardReader([str(complete)], build_index=False).iter_records()] == ["whole"]
 
 
 # ---------------------------------------------------------------- sampler and resume
@@ -354,3 +354,77 @@ def test_unexpected_error_propagates_instead_of_hanging(tmp_path):
     loader = RobustDataLoader(FailingDataset(reader, TrainTransform(8)), sampler)
     with pytest.raises(RuntimeError, match="unexpected failure at 0"):
         list(loader)
+
+
+# ---------------------------------------------------------------- streamed tar shards: exact mid-epoch resume
+def write_stream_shards(root, num_shards=3, per_shard=5):
+    """Shards of ``per_shard`` samples; sample 2 of shard 1 is undecodable (a bad record mid-stream)."""
+    paths = []
+    for shard in range(num_shards):
+        path = root / f"{shard:05d}.tar"
+        with tarfile.open(path, "w") as archive:
+            for item in range(per_shard):
+                key = f"{shard:05d}{item:04d}"
+                bad = (shard, item) == (1, 2)
+                add_member(archive, f"{key}.jpg", GARBAGE if bad else image_bytes(24, 20, seed=shard * 10 + item))
+                add_member(archive, f"{key}.txt", f"s{shard} i{item}".encode())
+        paths.append(str(path))
+    return paths
+
+
+def stream_loader(paths, num_workers=0, seed=4):
+    reader = TarShardReader(paths, build_index=False)
+    stream = TarShardStream(reader, TrainTransform(16, random_crop=True, random_flip=True, seed=1),
+                            num_replicas=1, rank=0, seed=seed)
+    return RobustDataLoader(stream, batch_size=2, num_workers=num_workers,
+                            counter=BadRecordCounter(max_bad_fraction=1.0))
+
+
+def stream_batches(loader, epochs=1, stop_after=None):
+    """(captions, pixel sums) per batch over ``epochs`` passes; stops after ``stop_after`` batches."""
+    batches = []
+    for _ in range(epochs):
+        for batch in loader:
+            batches.append((batch["captions"], round(float(batch["pixel_values"].sum()), 3)))
+            if stop_after is not None and len(batches) == stop_after:
+                return batches
+    return batches
+
+
+@pytest.mark.parametrize("stop_after", [1, 4, 8])
+def test_tar_stream_resumes_at_the_same_record(tmp_path, stop_after):
+    import json
+
+    paths = write_stream_shards(tmp_path)
+    uninterrupted = stream_batches(stream_loader(paths), epochs=2)
+    assert len(uninterrupted) == 2 * 8  # 15 items (14 good) per epoch in batches of 2
+    assert uninterrupted[:8] != uninterrupted[8:]  # the shard order is shuffled per epoch
+    loader = stream_loader(paths)
+    first = stream_batches(loader, epochs=1, stop_after=stop_after)
+    state = json.loads(json.dumps(loader.state_dict()))  # as a checkpoint stores it
+    resumed = stream_loader(paths)
+    resumed.set_state_dict(state)
+    # the rest of epoch 0, then epoch 1 (stopped after the epoch's last batch, the first pass is empty)
+    rest = stream_batches(resumed, epochs=2)
+    assert first + rest == uninterrupted
+    assert resumed.counter.num_good == 28 and dict(resumed.counter.bad_by_reason) == {"undecodable_image": 2}
+
+
+def test_tar_stream_resume_with_workers_gives_each_remaining_record_once(tmp_path):
+    paths = write_stream_shards(tmp_path, num_shards=4, per_shard=3)
+    loader = stream_loader(paths, num_workers=2)
+    first = stream_batches(loader, stop_after=2)
+    resumed = stream_loader(paths, num_workers=2)
+    resumed.set_state_dict(loader.state_dict())
+    rest = stream_batches(resumed)
+    captions = [c for batch, _ in first + rest for c in batch]
+    assert sorted(captions) == sorted(f"s{s} i{i}" for s in range(4) for i in range(3) if (s, i) != (1, 2))
+
+
+def test_tar_stream_refuses_another_layout(tmp_path):
+    paths = write_stream_shards(tmp_path)
+    state = stream_loader(paths).state_dict()
+    with pytest.raises(ValueError, match="shards saved=.*00002.tar.*now="):
+        stream_loader(paths[:2]).set_state_dict(state)
+    with pytest.raises(ValueError, match="seed saved=4 now=5"):
+        stream_loader(paths, seed=5).set_state_dict(state)
