@@ -30,8 +30,8 @@ from ppdiffusers_fast.models.lora import LoraConfig
 from ppdiffusers_fast.models.transformer_flux import FluxTransformer2DModel
 from ppdiffusers_fast.training.batches import (InMemoryLatentDataset, LoaderStream, flux_condition, latent_batch,
                                                latent_loader)
-from ppdiffusers_fast.training.optim import OptimizerSettings
-from ppdiffusers_fast.training.trainer import Trainer, TrainerSettings
+from ppdiffusers_fast.training.config import train_config
+from ppdiffusers_fast.training.trainer import Trainer
 
 LATENT = (4, 4, 4)  # [C, h, w]: 4 image tokens of 16 channels
 TEXT_LEN, TEXT_DIM = 2, 32
@@ -118,10 +118,10 @@ def run(teacher_steps=1500, pcm_steps=1000, pcm_batch=32, pcm_lr=1e-3, dataset_s
     before = distances(method, data)
     dataset = InMemoryLatentDataset(data.sample(dataset_size, np.random.RandomState(seed + 7)))
     with tempfile.TemporaryDirectory() as out:
-        settings = TrainerSettings(output_dir=out, max_train_steps=pcm_steps, checkpointing_steps=10**9,
-                                   report_to="none", seed=seed, micro_batch_size=pcm_batch,
-                                   optimizer=OptimizerSettings(learning_rate=pcm_lr, weight_decay=0.0,
-                                                               lr_scheduler="cosine", max_grad_norm=1.0))
+        settings = train_config(output_dir=out, max_train_steps=pcm_steps, checkpointing_steps=10**9,
+                                report_to="none", seed=seed, train_batch_size=pcm_batch, learning_rate=pcm_lr,
+                                adam_weight_decay=0.0, lr_scheduler="cosine", lr_warmup_steps=0,
+                                max_grad_norm=1.0, mixed_precision="no", resume_from_checkpoint=None)
         trainer = Trainer(method, LoaderStream(latent_loader(dataset, pcm_batch, seed=seed)), settings)
         trainer.train()
     after = distances(method, data)

@@ -34,8 +34,8 @@ def run_one(args) -> dict:
     from ppdiffusers_fast.models.lora import LoraConfig
     from ppdiffusers_fast.models.transformer_flux import FluxTransformer2DModel
     from ppdiffusers_fast.training.batches import InMemoryLatentDataset, LoaderStream, latent_loader
-    from ppdiffusers_fast.training.optim import OptimizerSettings
-    from ppdiffusers_fast.training.trainer import Trainer, TrainerSettings
+    from ppdiffusers_fast.training.config import ModelConfig, train_config
+    from ppdiffusers_fast.training.trainer import Trainer
 
     paddle.seed(0)
     heads, head_dim = args.heads, args.head_dim
@@ -48,7 +48,7 @@ def run_one(args) -> dict:
     denoiser = FluxDenoiser(transformer)
     if args.checkpointing:
         denoiser.enable_gradient_checkpointing()
-    method = PCM(denoiser, LoraConfig(rank=args.lora_rank, alpha=args.lora_rank),
+    method = PCM(denoiser, LoraConfig(rank=args.lora_rank, alpha=ModelConfig.lora_alpha),
                  FewStepSchedule(num_euler_timesteps=50, multiphase=4))
     rng = np.random.RandomState(0)
     n = args.batch_size * 4
@@ -59,15 +59,15 @@ def run_one(args) -> dict:
         "pooled_prompt_embeds": rng.randn(n, args.text_dim).astype("float32")})
     stream = LoaderStream(latent_loader(dataset, args.batch_size))
     with tempfile.TemporaryDirectory() as out:
-        settings = TrainerSettings(output_dir=out, max_train_steps=args.warmup, checkpointing_steps=10**9,
-                                   report_to="none", seed=0, micro_batch_size=args.batch_size,
-                                   mixed_precision="bf16", optimizer=OptimizerSettings(learning_rate=1e-4))
+        settings = train_config(output_dir=out, max_train_steps=args.warmup, checkpointing_steps=10**9,
+                                report_to="none", seed=0, train_batch_size=args.batch_size,
+                                mixed_precision="bf16", learning_rate=1e-4, resume_from_checkpoint=None)
         trainer = Trainer(method, stream, settings)
         rss_before_training = _rss_mb()
         trainer.train()  # warm-up (allocations, kernel choices)
         if paddle.get_device() != "cpu":
             paddle.device.cuda.reset_max_memory_allocated()
-        trainer.settings.max_train_steps = args.warmup + args.steps
+        trainer.max_train_steps = args.warmup + args.steps
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started

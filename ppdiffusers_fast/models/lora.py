@@ -77,10 +77,10 @@ _ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 @dataclass
 class LoraConfig:
-    """How to inject one adapter."""
+    """How to inject one adapter (the training run's defaults are its ``--lora_rank`` / ``--lora_alpha`` flags)."""
 
-    rank: int = 32  # r: inner dimension of the low-rank update
-    alpha: float = 32.0  # the update is scaled by alpha / rank
+    rank: int  # r: inner dimension of the low-rank update
+    alpha: float  # the update is scaled by alpha / rank
     dropout: float = 0.0  # dropout on the adapter's input (training mode only)
     target_modules: Tuple[str, ...] = field(default_factory=lambda: DEFAULT_TARGET_MODULES)  # name-suffix patterns
 

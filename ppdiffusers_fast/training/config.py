@@ -5,6 +5,9 @@ booleans get ``--name`` / ``--no_name``. Defaults are the FLUX-Lightning referen
 (ALGORITHMS.md: FLUX.1-dev teacher, LoRA rank 32, lr 5e-6, AdamW weight decay 1e-3, Huber loss,
 guidance 3.5, N = 100, K = 4, bf16, gradient checkpointing, batch 1 per device, 28,652 steps).
 The method sections (``FewStepSchedule``, ``PCMConfig`` ...) live beside their methods and are composed here.
+These sections are the only configuration: the trainer (``training.trainer.Trainer``), the optimizer
+(``training.optim.OptimizerSettings.from_config``) and the LoRA shape (``ModelConfig.lora_config``) read them,
+so every default is stated once, in the flag that declares it. ``train_config(**flags)`` builds one in code.
 
 Flags that the reference script parses but this library does not implement are still parsed, so
 that a reference command line gives a clear error naming the flag instead of "unrecognized
@@ -26,7 +29,7 @@ from ..methods.dmd2 import DMD2Config
 from ..methods.pcm import PCMConfig
 from ..methods.reflow import ReflowConfig
 from ..methods.registry import METHOD_USES, METHODS
-from ..models.lora import REFERENCE_TARGET_MODULES, resolve_target_modules
+from ..models.lora import REFERENCE_TARGET_MODULES, LoraConfig, resolve_target_modules
 
 
 @dataclass
@@ -52,6 +55,11 @@ class ModelConfig:
                                "O2 (trainable weights low precision too, fp32 master weights in AdamW)",
                                choices=["O0", "O1", "O2"])
     gradient_checkpointing: bool = flag(True, "recompute every transformer block in the backward pass")
+
+    def lora_config(self) -> LoraConfig:
+        """The student's adapter shape (rank, alpha, dropout, resolved target list)."""
+        return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          target_modules=resolve_target_modules(self.lora_target_modules))
 
 
 @dataclass
@@ -260,6 +268,19 @@ def validate_config(config: TrainConfig) -> None:
         section = getattr(config, section_name)
         if hasattr(section, "validate"):
             section.validate()
+
+
+def train_config(**fields) -> TrainConfig:
+    """The default ``TrainConfig`` with ``fields`` set by flag name, each in its section:
+    ``train_config(output_dir="out", max_train_steps=3, learning_rate=1e-3)``."""
+    sections = {name: {} for name, _ in _sections()}
+    owner = {fld.name: name for name, cls in _sections() for fld in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - set(owner))
+    if unknown:
+        raise KeyError(f"unknown training settings {unknown}")
+    for name, value in fields.items():
+        sections[owner[name]][name] = value
+    return TrainConfig(**{name: cls(**sections[name]) for name, cls in _sections()})
 
 
 def config_to_dict(config) -> Dict[str, Any]:

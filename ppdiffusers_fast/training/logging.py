@@ -1,16 +1,15 @@
-"""Training logs: VisualDL scalars and images, a tqdm bar, the non-finite loss stop, validation samples.
+"""Training logs: VisualDL scalars and images, a tqdm bar, the non-finite loss stop.
 
 Scalars per update: ``loss/<name>`` for each named loss (mean over micro-batches and ranks),
 ``metric/<name>``, ``lr/<group>``, ``grad_norm/<group>`` (before clipping), ``time/step_seconds`` and
 ``time/samples_per_second``. Images: ``validation/<i>`` every ``validation_steps`` updates from
-:class:`Validator`. Only rank 0 writes.
+``training.validation.Validator``. Only rank 0 writes.
 """
 import math
 import sys
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-import paddle
 from tqdm.auto import tqdm
 
 
@@ -73,51 +72,3 @@ class TrainingLogger:
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
-
-
-def latent_preview(tokens: paddle.Tensor, latent_size) -> List[np.ndarray]:
-    """A quick RGB view of packed latents without a VAE: the first 3 latent channels, min-max scaled.
-
-    Args:
-        tokens: ``[B, L, 4C]`` packed latents; latent_size: ``(H, W)`` of the latent grid.
-    Returns:
-        B arrays ``[H, W, 3]`` uint8.
-    """
-    from ..pipelines.latents import unpack_latents
-
-    latents = unpack_latents(tokens.astype("float32"), *latent_size).numpy()
-    images = []
-    for latent in latents:
-        rgb = np.repeat(latent[:1], 3, axis=0) if latent.shape[0] < 3 else latent[:3]
-        low, high = rgb.min(), rgb.max()
-        rgb = (rgb - low) / max(high - low, 1e-8)
-        images.append((rgb.transpose(1, 2, 0) * 255).round().astype(np.uint8))
-    return images
-
-
-class Validator:
-    """Samples fixed prompts from fixed noise with the method's few-step sampler.
-
-    Args:
-        cond: the fixed prompts' ``FluxCondition`` (batch P).
-        noise: ``[P, L, C]`` fixed start noise.
-        decode: ``(tokens [n, L, C]) -> list of [H, W, 3] uint8`` (VAE decode, or :func:`latent_preview`).
-        batch_size: samples per sampler call (``--sample_batch_size``).
-    """
-
-    def __init__(self, cond, noise: paddle.Tensor, decode: Callable[[paddle.Tensor], List[np.ndarray]],
-                 batch_size: int = 4):
-        self.cond, self.noise, self.decode, self.batch_size = cond, noise, decode, max(1, int(batch_size))
-
-    def __call__(self, method) -> List[np.ndarray]:
-        was_training = method.training
-        method.eval()
-        images: List[np.ndarray] = []
-        try:
-            for start in range(0, self.noise.shape[0], self.batch_size):
-                end = min(start + self.batch_size, self.noise.shape[0])
-                images += self.decode(method.sample(self.noise[start:end], self.cond.select(start, end)))
-        finally:
-            if was_training:
-                method.train()
-        return images

@@ -19,17 +19,29 @@ SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wit
 
 @dataclass
 class OptimizerSettings:
-    learning_rate: float = 5e-6  # peak learning rate
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.999  # AdamW beta2
-    weight_decay: float = 1e-3  # decoupled weight decay
-    epsilon: float = 1e-8  # AdamW epsilon
-    max_grad_norm: float = 1.0  # global-norm clipping threshold (0 = off)
-    lr_scheduler: str = "constant"  # one of SCHEDULES
-    lr_warmup_steps: int = 0  # linear warm-up steps (not used by "constant")
-    lr_num_cycles: int = 1  # restarts of cosine_with_restarts
-    lr_power: float = 1.0  # power of the polynomial decay
-    total_steps: int = 1  # optimizer updates in the run (for decaying schedules)
+    """One parameter group's resolved optimizer settings: the ``OptimConfig`` section (whose flags state every
+    default, once) with the run's total steps and the group's overrides (``group_hyperparameters``)."""
+
+    learning_rate: float  # peak learning rate
+    beta1: float  # AdamW beta1
+    beta2: float  # AdamW beta2
+    weight_decay: float  # decoupled weight decay
+    epsilon: float  # AdamW epsilon
+    max_grad_norm: float  # global-norm clipping threshold (0 = off)
+    lr_scheduler: str  # one of SCHEDULES
+    lr_warmup_steps: int  # linear warm-up steps (not used by "constant")
+    lr_num_cycles: int  # restarts of cosine_with_restarts
+    lr_power: float  # power of the polynomial decay
+    total_steps: int  # optimizer updates in the run (for decaying schedules)
+
+    @classmethod
+    def from_config(cls, optim, total_steps: int, lr_scale: float = 1.0) -> "OptimizerSettings":
+        """From the ``OptimConfig`` section ``optim``; ``lr_scale`` multiplies ``--learning_rate`` (``--scale_lr``)."""
+        return cls(learning_rate=optim.learning_rate * lr_scale, beta1=optim.adam_beta1, beta2=optim.adam_beta2,
+                   weight_decay=optim.adam_weight_decay, epsilon=optim.adam_epsilon,
+                   max_grad_norm=optim.max_grad_norm, lr_scheduler=optim.lr_scheduler,
+                   lr_warmup_steps=optim.lr_warmup_steps, lr_num_cycles=optim.lr_num_cycles,
+                   lr_power=optim.lr_power, total_steps=total_steps)
 
     def updated(self, **overrides) -> "OptimizerSettings":
         unknown = sorted(set(overrides) - set(self.__dataclass_fields__))

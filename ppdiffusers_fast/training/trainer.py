@@ -16,9 +16,10 @@ It knows a method only through ``methods.base.DistillationMethod`` (parameter gr
 ``batches`` is any iterator of method-ready batches with ``state_dict()`` / ``set_state_dict()`` (its
 position), so resuming restores the data order together with the weights, optimizer and RNG states.
 """
+import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -29,30 +30,29 @@ from ..methods.base import DistillationMethod, StepResult
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .logging import NonFiniteLossError, TrainingLogger, check_finite
+from .config import config_to_dict
 from .optim import (GroupOptimizer, OptimizerSettings, build_group_optimizer, clip_grad_norm,
                     load_optimizer_state, optimizer_state_arrays)
 from .precision import Precision, autocast, keep_trainable_in_float32, resolve_precision
 from .rng import capture_rng_state, restore_rng_state, seed_everything
 
 
-@dataclass
-class TrainerSettings:
-    output_dir: str  # checkpoints and logs
-    max_train_steps: int  # optimizer updates in total
-    gradient_accumulation_steps: int = 1  # micro-batches per update
-    checkpointing_steps: int = 1000  # checkpoint every N updates (and at the end)
-    checkpoints_total_limit: Optional[int] = None  # keep the newest M checkpoints
-    resume_from_checkpoint: Optional[str] = None  # "latest", a path, or None
-    seed: Optional[int] = None  # base seed; rank r uses seed + r
-    validation_steps: int = 0  # validation images every N updates (0 = never)
-    logging_dir: str = "logs"  # VisualDL folder under output_dir
-    report_to: str = "visualdl"  # "visualdl" or "none"
-    run_name: str = "train"  # VisualDL display name
-    mixed_precision: str = "no"  # no | bf16 (fp32 on CPU)
-    fp16_opt_level: str = "O1"  # O1 | O2
-    micro_batch_size: int = 1  # samples per micro-batch per rank (for samples/s)
-    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)  # defaults of every group
-    config: Optional[dict] = None  # resolved config saved beside every checkpoint
+def start_process(config) -> Precision:
+    """Once per run, before any model is built: start the process group, seed this rank (``--seed`` + rank),
+    resolve the precision policy (``config``: the ``TrainConfig``)."""
+    dist.init_distributed()
+    if config.run.seed is not None:
+        seed_everything(config.run.seed + dist.rank())
+    return resolve_precision(config.model.mixed_precision, config.model.fp16_opt_level)
+
+
+def resolve_max_train_steps(optim, batches_per_epoch: Optional[int]) -> int:
+    """``--max_train_steps``, or ``--num_train_epochs`` x the updates of one epoch when it is None."""
+    if optim.max_train_steps is not None:
+        return optim.max_train_steps
+    if not batches_per_epoch:
+        raise ValueError("--max_train_steps None counts epochs, which needs the data's batches per epoch")
+    return optim.num_train_epochs * math.ceil(batches_per_epoch / optim.gradient_accumulation_steps)
 
 
 @dataclass
@@ -64,17 +64,26 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, method: DistillationMethod, batches, settings: TrainerSettings,
-                 validator: Optional[Callable] = None):
+    """Trains ``method`` on ``batches`` as the ``TrainConfig`` ``config`` says (its ``optim`` and ``run`` sections,
+    ``model.mixed_precision`` / ``fp16_opt_level`` and ``data.train_batch_size``).
+
+    ``precision``: the result of :func:`start_process` when the caller already started the process (the
+    training entry point, which needs the weight dtype before it loads the model); otherwise the trainer
+    calls it. ``batches_per_epoch``: needed only when ``--max_train_steps`` is None.
+    """
+
+    def __init__(self, method: DistillationMethod, batches, config, validator: Optional[Callable] = None,
+                 precision: Optional[Precision] = None, batches_per_epoch: Optional[int] = None):
         self.method = method
         self.batches = batches
-        self.settings = settings
+        self.config = config
         self.validator = validator
+        self.precision: Precision = precision if precision is not None else start_process(config)
         self.rank = dist.rank()
         self.world_size = dist.world_size()
-        self.precision: Precision = resolve_precision(settings.mixed_precision, settings.fp16_opt_level)
+        self.max_train_steps = resolve_max_train_steps(config.optim, batches_per_epoch)
         self.optimizers: Dict[str, GroupOptimizer] = {}
-        self.writer = ckpt.CheckpointWriter(settings.output_dir, settings.checkpoints_total_limit)
+        self.writer = ckpt.CheckpointWriter(config.run.output_dir, config.run.checkpoints_total_limit)
         self.step = 0
 
     # ------------------------------------------------------------------ set-up
@@ -82,7 +91,10 @@ class Trainer:
         if self.precision.level == "O1":
             keep_trainable_in_float32(self.method.sublayers())
         overrides = self.method.group_hyperparameters()
-        base = self.settings.optimizer.updated(total_steps=self.settings.max_train_steps)
+        optim = self.config.optim
+        lr_scale = optim.gradient_accumulation_steps * self.config.data.train_batch_size * self.world_size \
+            if optim.scale_lr else 1
+        base = OptimizerSettings.from_config(optim, self.max_train_steps, lr_scale)
         named = self.method.named_group_parameters()
         unknown = sorted(set(overrides) - set(named))
         if unknown:
@@ -91,7 +103,7 @@ class Trainer:
             self.optimizers[group] = build_group_optimizer(group, params, base.updated(**overrides.get(group, {})))
 
     def _resume(self) -> Optional[Path]:
-        path = ckpt.resolve_resume_path(self.settings.resume_from_checkpoint, self.settings.output_dir)
+        path = ckpt.resolve_resume_path(self.config.run.resume_from_checkpoint, self.config.run.output_dir)
         if path is None:
             return None
         state = ckpt.load_training_state(path)
@@ -123,7 +135,7 @@ class Trainer:
                 param.clear_gradient(set_to_zero=False)
 
     def _run_micro_batches(self, groups: List[str]):
-        accumulation = self.settings.gradient_accumulation_steps
+        accumulation = self.config.optim.gradient_accumulation_steps
         loss_sums: Dict[str, float] = defaultdict(float)
         metric_sums: Dict[str, float] = defaultdict(float)
         for _ in range(accumulation):
@@ -191,36 +203,32 @@ class Trainer:
             arrays, scalars = optimizer_state_arrays(optimizer)
             ckpt.save_arrays(arrays, temp / ckpt.optimizer_file(group))
             groups[group] = scalars
-        if self.settings.config is not None:
-            ckpt.write_json(self.settings.config, temp / "config.json")
+        ckpt.write_json(config_to_dict(self.config), temp / "config.json")
         ckpt.write_json({"format": ckpt.FORMAT_VERSION, "step": self.step, "world_size": self.world_size,
                          "groups": groups}, temp / ckpt.STATE_FILE)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
-        settings = self.settings
+        run, optim = self.config.run, self.config.optim
         self.method.train()
         resumed = None
         if not self.optimizers:  # first call; a later call continues up to a raised max_train_steps
-            dist.init_distributed()
             self._build_optimizers()
             resumed = self._resume()
-            if resumed is None and settings.seed is not None:
-                seed_everything(settings.seed + self.rank)
             all_params = [p for opt in self.optimizers.values() for p in opt.params.values()]
             dist.broadcast_parameters(all_params + list(self.method.extra_checkpoint_tensors().values()))
 
-        log_dir = str(Path(settings.output_dir) / settings.logging_dir)
-        logger = TrainingLogger(log_dir, self.rank == 0, settings.max_train_steps, self.step, settings.report_to,
-                                settings.run_name)
+        log_dir = str(Path(run.output_dir) / run.logging_dir)
+        logger = TrainingLogger(log_dir, self.rank == 0, self.max_train_steps, self.step, run.report_to,
+                                run.tracker_project_name)
         if self.precision.note:
             logger.message(self.precision.note)
         if resumed is not None:
             logger.message(f"resumed from {resumed} at step {self.step}")
-        samples_per_update = settings.micro_batch_size * settings.gradient_accumulation_steps * self.world_size
+        samples_per_update = self.config.data.train_batch_size * optim.gradient_accumulation_steps * self.world_size
         written, losses = [], {}
         try:
-            while self.step < settings.max_train_steps:
+            while self.step < self.max_train_steps:
                 started = time.perf_counter()
                 groups = list(self.method.update_schedule(self.step))
                 losses, metrics = self._run_micro_batches(groups)
@@ -236,10 +244,10 @@ class Trainer:
                 scalars.update({f"metric/{n}": reduced[n] for n in metrics})
                 scalars.update({"time/step_seconds": seconds, "time/samples_per_second": samples_per_update / seconds})
                 logger.log_scalars(self.step, scalars)
-                if self.validator is not None and self.rank == 0 and settings.validation_steps and \
-                        self.step % settings.validation_steps == 0:
+                if self.validator is not None and self.rank == 0 and run.validation_steps and \
+                        self.step % run.validation_steps == 0:
                     logger.log_images(self.step, "validation", self.validator(self.method))
-                if self.step % settings.checkpointing_steps == 0 or self.step == settings.max_train_steps:
+                if self.step % run.checkpointing_steps == 0 or self.step == self.max_train_steps:
                     written.append(str(self.save_checkpoint()))
         except NonFiniteLossError as error:
             logger.message(str(error))

@@ -128,10 +128,10 @@ def changed(before, after):
 
 
 def run_trainer(method, batch, output_dir, steps, learning_rate=1e-3):
-    from ppdiffusers_fast.training.optim import OptimizerSettings
-    from ppdiffusers_fast.training.trainer import Trainer, TrainerSettings
+    from ppdiffusers_fast.training.config import train_config
+    from ppdiffusers_fast.training.trainer import Trainer
 
-    settings = TrainerSettings(output_dir=str(output_dir), max_train_steps=steps, report_to="none",
-                               checkpointing_steps=1000,
-                               optimizer=OptimizerSettings(learning_rate=learning_rate, weight_decay=0.0))
+    settings = train_config(output_dir=str(output_dir), max_train_steps=steps, report_to="none",
+                            checkpointing_steps=1000, learning_rate=learning_rate, adam_weight_decay=0.0,
+                            seed=None, resume_from_checkpoint=None)
     return Trainer(method, RepeatStream(batch), settings).train()

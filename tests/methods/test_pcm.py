@@ -15,8 +15,8 @@ from ppdiffusers_fast.methods.denoiser import FluxCondition, FluxDenoiser  # noq
 from ppdiffusers_fast.methods.base import STUDENT, FewStepSchedule  # noqa: E402
 from ppdiffusers_fast.methods.pcm import EMA_TARGET, PCM, PCMConfig  # noqa: E402
 from ppdiffusers_fast.models.lora import adapter_parameters, record_live_adapters, use_adapters  # noqa: E402
-from ppdiffusers_fast.training.optim import OptimizerSettings  # noqa: E402
-from ppdiffusers_fast.training.trainer import Trainer, TrainerSettings  # noqa: E402
+from ppdiffusers_fast.training.config import train_config  # noqa: E402
+from ppdiffusers_fast.training.trainer import Trainer  # noqa: E402
 
 
 def _batch(batch_size=3, seed=1):
@@ -164,8 +164,8 @@ def test_only_the_student_adapter_trains(tmp_path):
     ema_before = {n: p.numpy().copy() for n, p in named.items() if id(p) in ema_ids}
     assert {id(p) for p in method.parameter_groups()["generator"]} == student_ids
     assert all(p.stop_gradient for n, p in named.items() if id(p) not in student_ids)
-    settings = TrainerSettings(output_dir=str(tmp_path), max_train_steps=3, report_to="none", seed=0,
-                               optimizer=OptimizerSettings(learning_rate=1e-2))
+    settings = train_config(output_dir=str(tmp_path), max_train_steps=3, report_to="none", seed=0,
+                            learning_rate=1e-2, resume_from_checkpoint=None)
     trainer = Trainer(method, latent_stream(), settings)
     trainer.train()
     for name, value in base_before.items():
@@ -193,8 +193,8 @@ def test_pcm_loss_decreases_on_a_tiny_teacher(tmp_path, loss_type, max_ratio):
         return float(np.mean(losses))
 
     before = held_out_loss()
-    settings = TrainerSettings(output_dir=str(tmp_path), max_train_steps=150, report_to="none", seed=0,
-                               checkpointing_steps=1000, optimizer=OptimizerSettings(learning_rate=1e-2))
+    settings = train_config(output_dir=str(tmp_path), max_train_steps=150, report_to="none", seed=0,
+                            checkpointing_steps=1000, learning_rate=1e-2, resume_from_checkpoint=None)
     trainer = Trainer(method, latent_stream(num_samples=8, batch_size=4, seed=2), settings)
     trainer.train()
     after = held_out_loss()

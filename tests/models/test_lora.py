@@ -228,20 +228,20 @@ def test_dropout_only_in_training():
 def test_errors_name_the_problem(small):
     model, _, _ = small
     with pytest.raises(ValueError, match="'blocks.0.nope'"):
-        inject_lora(model, LoraConfig(rank=2, target_modules=("fc1", "blocks.0.nope")), "other")
+        inject_lora(model, LoraConfig(rank=2, alpha=2, target_modules=("fc1", "blocks.0.nope")), "other")
     with pytest.raises(ValueError, match="'student' already exists"):
-        inject_lora(model, LoraConfig(rank=2, target_modules=TARGETS), "student")
+        inject_lora(model, LoraConfig(rank=2, alpha=2, target_modules=TARGETS), "student")
     with pytest.raises(ValueError, match="identifier"):
-        inject_lora(model, LoraConfig(rank=2, target_modules=TARGETS), "bad.name")
+        inject_lora(model, LoraConfig(rank=2, alpha=2, target_modules=TARGETS), "bad.name")
     with pytest.raises(KeyError, match="teacher"):
         with use_adapters(model, "teacher"):
             pass
     with pytest.raises(KeyError, match="'ghost'"):
         adapter_parameters(model, "ghost")
     with pytest.raises(ValueError, match="rank"):
-        LoraConfig(rank=0)
+        LoraConfig(rank=0, alpha=1)
     with pytest.raises(ValueError, match="target_modules"):
-        LoraConfig(target_modules="fc1")
+        LoraConfig(rank=2, alpha=2, target_modules="fc1")
 
 
 def test_matches_target():

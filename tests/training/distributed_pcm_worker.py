@@ -18,8 +18,8 @@ from ppdiffusers_fast.methods.base import FewStepSchedule  # noqa: E402
 from ppdiffusers_fast.methods.pcm import PCM  # noqa: E402
 from ppdiffusers_fast.training import distributed as dist  # noqa: E402
 from ppdiffusers_fast.training.checkpoint import save_arrays  # noqa: E402
-from ppdiffusers_fast.training.optim import OptimizerSettings  # noqa: E402
-from ppdiffusers_fast.training.trainer import Trainer, TrainerSettings  # noqa: E402
+from ppdiffusers_fast.training.config import train_config  # noqa: E402
+from ppdiffusers_fast.training.trainer import Trainer  # noqa: E402
 
 
 def main(output_dir: str) -> None:
@@ -28,8 +28,8 @@ def main(output_dir: str) -> None:
     transformer = tiny_flux(seed=0)
     paddle.seed(100 + rank)  # different initial adapters on purpose
     method = PCM(FluxDenoiser(transformer), TINY_LORA, FewStepSchedule(num_euler_timesteps=8, multiphase=2))
-    settings = TrainerSettings(output_dir=output_dir, max_train_steps=4, checkpointing_steps=2, seed=7,
-                               report_to="none", optimizer=OptimizerSettings(learning_rate=5e-3))
+    settings = train_config(output_dir=output_dir, max_train_steps=4, checkpointing_steps=2, seed=7,
+                            report_to="none", learning_rate=5e-3, resume_from_checkpoint=None)
     Trainer(method, latent_stream(num_samples=8, batch_size=2, rank=rank, world_size=world), settings).train()
     arrays = {name: t.numpy() for name, t in method.checkpoint_tensors().items()}
     save_arrays(arrays, Path(output_dir) / f"rank-{rank}.safetensors")

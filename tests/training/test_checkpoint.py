@@ -12,18 +12,17 @@ import pytest
 from training_toys import latent_stream, tiny_pcm
 
 from ppdiffusers_fast.training import checkpoint as ckpt
-from ppdiffusers_fast.training.optim import OptimizerSettings
-from ppdiffusers_fast.training.trainer import Trainer, TrainerSettings
+from ppdiffusers_fast.training.config import config_to_dict, train_config
+from ppdiffusers_fast.training.trainer import Trainer
 
 HERE = Path(__file__).parent
 
 
 def _trainer(output_dir, steps, ema_decay=0.5, **kw):
-    settings = TrainerSettings(output_dir=str(output_dir), max_train_steps=steps, report_to="none", seed=3,
-                               checkpointing_steps=kw.pop("checkpointing_steps", 1),
-                               optimizer=OptimizerSettings(learning_rate=1e-3), config={"note": "resolved config"},
-                               **kw)
-    return Trainer(tiny_pcm(ema_decay=ema_decay), latent_stream(), settings)
+    kw.setdefault("resume_from_checkpoint", None)
+    config = train_config(output_dir=str(output_dir), max_train_steps=steps, report_to="none", seed=3,
+                          checkpointing_steps=kw.pop("checkpointing_steps", 1), learning_rate=1e-3, **kw)
+    return Trainer(tiny_pcm(ema_decay=ema_decay), latent_stream(), config)
 
 
 def test_checkpoint_holds_adapters_optimizer_rng_data_and_config(tmp_path):
@@ -49,7 +48,7 @@ def test_checkpoint_holds_adapters_optimizer_rng_data_and_config(tmp_path):
     assert rank_state["data"]["sampler"]["position"] == 2  # two batches drawn (8 samples: epoch 0 continues)
     assert rank_state["data"]["sampler"]["epoch"] == 0
     assert set(rank_state["rng"]) >= {"paddle_cpu", "numpy", "python"}
-    assert json.loads((path / "config.json").read_text()) == {"note": "resolved config"}
+    assert json.loads((path / "config.json").read_text()) == json.loads(json.dumps(config_to_dict(trainer.config)))
 
 
 def test_keeps_only_the_newest_checkpoints(tmp_path):
@@ -70,7 +69,7 @@ def test_exception_between_write_and_rename_keeps_the_previous_checkpoint(tmp_pa
         return real_replace(src, dst)
 
     monkeypatch.setattr(ckpt.os, "replace", failing_replace)
-    trainer.settings.max_train_steps = 2
+    trainer.max_train_steps = 2
     with pytest.raises(OSError, match="simulated crash"):
         trainer.train()
     monkeypatch.undo()
@@ -90,8 +89,8 @@ KILLED_WRITER = textwrap.dedent("""
     sys.path.insert(0, {here!r})
     import ppdiffusers_fast.training.checkpoint as ckpt
     from training_toys import latent_stream, tiny_pcm
-    from ppdiffusers_fast.training.optim import OptimizerSettings
-    from ppdiffusers_fast.training.trainer import Trainer, TrainerSettings
+    from ppdiffusers_fast.training.config import train_config
+    from ppdiffusers_fast.training.trainer import Trainer
 
     real_save = ckpt.save_arrays
     def save_then_die(arrays, path):
@@ -99,8 +98,8 @@ KILLED_WRITER = textwrap.dedent("""
         if "checkpoint-2" in str(path) or ckpt.TEMP_PREFIX + "2" in str(path):
             os.kill(os.getpid(), signal.SIGKILL)  # killed mid-checkpoint: weights written, state not yet
     ckpt.save_arrays = save_then_die
-    settings = TrainerSettings(output_dir={out!r}, max_train_steps=3, report_to="none", seed=3,
-                               checkpointing_steps=1, optimizer=OptimizerSettings(learning_rate=1e-3))
+    settings = train_config(output_dir={out!r}, max_train_steps=3, report_to="none", seed=3,
+                            checkpointing_steps=1, learning_rate=1e-3, resume_from_checkpoint=None)
     Trainer(tiny_pcm(), latent_stream(), settings).train()
 """)
 
@@ -115,9 +114,9 @@ def test_process_killed_while_writing_leaves_the_previous_checkpoint_loadable(tm
     assert (out / f"{ckpt.TEMP_PREFIX}2").is_dir()  # the interrupted write
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1"]
     assert ckpt.resolve_resume_path("latest", out) == out / "checkpoint-1"
-    trainer = Trainer(tiny_pcm(), latent_stream(), TrainerSettings(
+    trainer = Trainer(tiny_pcm(), latent_stream(), train_config(
         output_dir=str(out), max_train_steps=2, report_to="none", resume_from_checkpoint="latest",
-        checkpointing_steps=1, optimizer=OptimizerSettings(learning_rate=1e-3)))
+        checkpointing_steps=1, learning_rate=1e-3, seed=None))
     result = trainer.train()
     assert result.resumed_from == str(out / "checkpoint-1") and result.step == 2
     assert not (out / f"{ckpt.TEMP_PREFIX}2").exists()  # the next save removed the stale folder

@@ -6,8 +6,8 @@ import paddle
 import pytest
 from training_toys import latent_stream, tiny_pcm
 
-from ppdiffusers_fast.training.logging import (NonFiniteLossError, TrainingLogger, Validator, check_finite,
-                                               latent_preview)
+from ppdiffusers_fast.training.logging import NonFiniteLossError, TrainingLogger, check_finite
+from ppdiffusers_fast.training.validation import Validator, latent_preview
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])

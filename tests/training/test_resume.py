@@ -4,8 +4,9 @@ import paddle
 from training_toys import DictStream, TwoGroupToy, latent_stream, tiny_pcm, toy_arrays
 
 from ppdiffusers_fast.training import checkpoint as ckpt
-from ppdiffusers_fast.training.optim import OptimizerSettings, optimizer_state_arrays
-from ppdiffusers_fast.training.trainer import Trainer, TrainerSettings
+from ppdiffusers_fast.training.config import train_config
+from ppdiffusers_fast.training.optim import optimizer_state_arrays
+from ppdiffusers_fast.training.trainer import Trainer
 
 STEPS = 6
 
@@ -13,11 +14,10 @@ STEPS = 6
 def _pcm_trainer(output_dir, steps, resume=None):
     method = tiny_pcm(ema_decay=0.9)  # a fresh process would rebuild the same base and initial adapter
     method.denoiser.enable_gradient_checkpointing()
-    settings = TrainerSettings(
+    settings = train_config(
         output_dir=str(output_dir), max_train_steps=steps, gradient_accumulation_steps=2, checkpointing_steps=2,
-        resume_from_checkpoint=resume, seed=11, report_to="none",
-        optimizer=OptimizerSettings(learning_rate=5e-3, lr_scheduler="constant_with_warmup", lr_warmup_steps=2,
-                                    max_grad_norm=0.05))
+        resume_from_checkpoint=resume, seed=11, report_to="none", learning_rate=5e-3,
+        lr_scheduler="constant_with_warmup", lr_warmup_steps=2, max_grad_norm=0.05)
     return Trainer(method, latent_stream(num_samples=6, batch_size=1), settings)
 
 
@@ -57,9 +57,9 @@ def test_pcm_lora_resume_is_exact(tmp_path):
 
 def _toy_trainer(output_dir, steps, resume=None):
     paddle.seed(5)
-    settings = TrainerSettings(output_dir=str(output_dir), max_train_steps=steps, checkpointing_steps=3,
-                               resume_from_checkpoint=resume, seed=2, report_to="none",
-                               optimizer=OptimizerSettings(learning_rate=0.02, lr_scheduler="linear", total_steps=steps))
+    settings = train_config(output_dir=str(output_dir), max_train_steps=steps, checkpointing_steps=3,
+                            resume_from_checkpoint=resume, seed=2, report_to="none", learning_rate=0.02,
+                            lr_scheduler="linear", lr_warmup_steps=0)
     return Trainer(TwoGroupToy(), DictStream(toy_arrays(), 3), settings)
 
 

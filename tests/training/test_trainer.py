@@ -9,14 +9,17 @@ from training_toys import DictStream, TwoGroupToy, stack_dicts, toy_arrays
 
 from ppdiffusers_fast.training import checkpoint as ckpt
 from ppdiffusers_fast.training.logging import NonFiniteLossError
+from ppdiffusers_fast.training.config import OptimConfig, train_config
 from ppdiffusers_fast.training.optim import OptimizerSettings, clip_grad_norm, lr_multiplier
-from ppdiffusers_fast.training.trainer import Trainer, TrainerSettings
+from ppdiffusers_fast.training.trainer import Trainer
 
 
 def _settings(tmp_path, steps, **kw):
-    kw.setdefault("optimizer", OptimizerSettings(learning_rate=0.01, weight_decay=0.0))
-    return TrainerSettings(output_dir=str(tmp_path), max_train_steps=steps, report_to="none",
-                           checkpointing_steps=kw.pop("checkpointing_steps", 100), **kw)
+    kw.setdefault("learning_rate", 0.01)
+    kw.setdefault("adam_weight_decay", 0.0)
+    kw.setdefault("resume_from_checkpoint", None)
+    return train_config(output_dir=str(tmp_path), max_train_steps=steps, report_to="none",
+                        checkpointing_steps=kw.pop("checkpointing_steps", 100), **kw)
 
 
 def _toy(seed=0, **kw):
@@ -94,14 +97,14 @@ def test_clip_grad_norm_matches_numpy():
     ("polynomial", 8, (1 - 1e-7 / 0.01) * 0.25 + 1e-7 / 0.01),
 ])
 def test_lr_multiplier_by_hand(name, step, expected):
-    settings = OptimizerSettings(learning_rate=0.01, lr_scheduler=name, lr_warmup_steps=4, total_steps=12,
-                                 lr_num_cycles=2, lr_power=2.0)
+    optim = OptimConfig(learning_rate=0.01, lr_scheduler=name, lr_warmup_steps=4, lr_num_cycles=2, lr_power=2.0)
+    settings = OptimizerSettings.from_config(optim, total_steps=12)
     assert lr_multiplier(step, settings) == pytest.approx(expected, abs=1e-12)
 
 
 def test_trainer_logs_the_scheduled_learning_rate(tmp_path):
-    optimizer = OptimizerSettings(learning_rate=0.01, lr_scheduler="constant_with_warmup", lr_warmup_steps=2)
-    trainer = Trainer(_toy(), DictStream(toy_arrays(), 4), _settings(tmp_path, 4, optimizer=optimizer))
+    settings = _settings(tmp_path, 4, lr_scheduler="constant_with_warmup", lr_warmup_steps=2, adam_weight_decay=1e-3)
+    trainer = Trainer(_toy(), DictStream(toy_arrays(), 4), settings)
     trainer.train()
     generator_lrs = [row.get("lr/generator") for row in trainer.history]
     critic_lrs = [row["lr/critic"] for row in trainer.history]
