@@ -7,7 +7,9 @@ never re-derive it. Notation (docs: ``shared/design/ALGORITHMS.md``):
 - the network predicts the velocity ``v = eps - x0``;
 - ``x0 = x_s - s * v``, ``eps = x_s + (1 - s) * v``;
 - Euler step from ``s`` to ``s'``: ``x_{s'} = x_s + (s' - s) * v``;
-- time shift ``shift(t; mu) = e^mu / (e^mu + (1/t - 1))``, ``mu`` from the number of image tokens;
+- time shift ``shift(t; mu) = e^mu / (e^mu + (1/t - 1))``, ``mu`` from the number of image tokens (FLUX), or
+  the static ``shift * t / (1 + (shift - 1) t)`` (SD3-style scheduler configs);
+- classifier-free guidance ``v = v_u + w (v_c - v_u)``;
 - solver grid ``sigma_i = shift(i / N)``, ``i = 0..N``; ``K`` phases with edges on grid indices.
 
 Noise levels (``s``, ``r``, ``s_next``) are a python float (one level for the whole batch) or a
@@ -24,6 +26,7 @@ import paddle
 
 __all__ = [
     "time_shift",
+    "static_time_shift",
     "resolution_mu",
     "image_seq_len",
     "solver_grid",
@@ -38,6 +41,7 @@ __all__ = [
     "x0_from_velocity",
     "eps_from_velocity",
     "euler_step",
+    "classifier_free_guidance",
 ]
 
 
@@ -90,6 +94,24 @@ def time_shift(t, mu):
     if t == 0.0:
         return 0.0
     return e_mu / (e_mu + (1.0 / t - 1.0))
+
+
+def static_time_shift(t, shift):
+    """Static time shift of flow-matching schedulers without dynamic shifting: ``shift * t / (1 + (shift - 1) t)``.
+
+    ``shift = 1`` is the identity; ``shift > 1`` moves every level towards noise. As :func:`time_shift`, the
+    arithmetic follows the formula literally in the dtype of ``t`` (float32 arrays give diffusers' values).
+
+    Args:
+        t: python float, numpy array or paddle tensor with values in [0, 1].
+        shift: positive python float.
+    Returns:
+        Same type (and shape, dtype) as ``t``.
+    """
+    if not _is_real_number(shift) or not shift > 0:
+        raise ValueError(f"shift must be a positive real number, got {shift!r}")
+    _check_unit_interval(t, "t")
+    return shift * t / (1 + (shift - 1) * t)
 
 
 def resolution_mu(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15):
@@ -399,3 +421,19 @@ def euler_step(x, s, s_next, v):
     s = _level(s, x, "s")
     s_next = _level(s_next, x, "s_next")
     return x + _coef(s_next - s, x) * v
+
+
+def classifier_free_guidance(v_uncond, v_cond, scale):
+    """Classifier-free guidance: ``v = v_u + w (v_c - v_u)`` (Ho & Salimans 2022, in velocity space).
+
+    ``w = 1`` gives ``v_c``; ``w = 0`` gives ``v_u``.
+
+    Args:
+        v_uncond, v_cond: ``[B, ...]`` velocities without and with the prompt (or with the negative prompt and the
+            prompt, for "true CFG").
+        scale: python float ``w``.
+    Returns:
+        ``[B, ...]`` in the dtype of the inputs.
+    """
+    _check_same_shape(v_uncond, v_cond, ("v_uncond", "v_cond"))
+    return v_uncond + scale * (v_cond - v_uncond)

@@ -24,6 +24,7 @@ import paddle
 import paddle.nn as nn
 from paddle.distributed.fleet.utils import recompute
 
+from .. import schedules
 from ..models.lora import live_adapters, lora_layers, use_adapters
 
 
@@ -228,7 +229,7 @@ def teacher_velocity(denoiser: FluxDenoiser, x_t, sigma, cond: FluxCondition, gu
         batch = x_t.shape[0]
         both = unconditional.expand_to(batch).concat(cond)
         v_uncond, v_cond = paddle.split(denoiser(paddle.concat([x_t, x_t]), paddle.concat([sigma, sigma]), both), 2)
-        return v_uncond + guidance_scale * (v_cond - v_uncond)
+        return schedules.classifier_free_guidance(v_uncond, v_cond, guidance_scale)
 
 
 def student_condition(cond: FluxCondition, guidance_mode: str, guidance_scale: float) -> FluxCondition:

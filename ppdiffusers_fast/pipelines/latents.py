@@ -1,4 +1,5 @@
-"""FLUX latent layout: 2x2 packing of VAE latents into tokens, their rotary position ids, and seeded noise.
+"""FLUX latent layout: 2x2 packing of VAE latents into tokens, their rotary position ids, seeded noise, and
+the VAE decode of packed latents (:func:`decode_latents`, the inverse of ``data.encoders.VaeLatentEncoder``).
 
 A VAE latent ``[B, C, H, W]`` (C = 16 for FLUX, H = image height / 8) becomes ``(H/2) * (W/2)`` tokens of
 ``4C`` features: token ``(i, j)`` (row-major) holds the 2x2 patch at rows ``2i, 2i+1`` and columns
@@ -11,7 +12,8 @@ from typing import List, Sequence, Union
 import numpy as np
 import paddle
 
-__all__ = ["pack_latents", "unpack_latents", "latent_image_ids", "text_ids", "seeded_noise", "resolve_seeds"]
+__all__ = ["pack_latents", "unpack_latents", "latent_image_ids", "text_ids", "seeded_noise", "resolve_seeds",
+           "decode_latents"]
 
 
 def _check_even(value, name):
@@ -87,3 +89,20 @@ def seeded_noise(seeds: Sequence[int], shape: Sequence[int], dtype: str = "float
     """
     draws = [np.random.default_rng(int(s)).standard_normal(list(shape), dtype=np.float32) for s in seeds]
     return paddle.to_tensor(np.stack(draws)).astype(dtype)
+
+
+def decode_latents(vae, tokens: paddle.Tensor, latent_height: int, latent_width: int) -> paddle.Tensor:
+    """Packed latents -> images with the VAE: ``vae.decode(unpack(x) / scaling_factor + shift_factor)``.
+
+    Args:
+        vae: an ``AutoencoderKL`` whose config has ``scaling_factor`` and ``shift_factor`` (None counts as 0).
+        tokens: ``[B, (H/2) * (W/2), 64]`` packed latents (any float dtype).
+        latent_height, latent_width: H and W of the VAE latent (image size / 8).
+    Returns:
+        ``[B, 3, 8H, 8W]`` float32 images in the VAE's range (about [-1, 1], not clipped); no graph.
+    """
+    config = vae.config
+    latents = unpack_latents(tokens, latent_height, latent_width).astype("float32")
+    latents = latents / config.scaling_factor + (config.shift_factor or 0.0)
+    with paddle.no_grad():
+        return vae.decode(latents.astype(vae.dtype)).sample.astype("float32")

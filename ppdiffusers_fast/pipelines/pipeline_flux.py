@@ -8,9 +8,10 @@ Steps of :meth:`FluxPipeline.__call__` (B = prompts x images per prompt):
    ``(0, row, col)`` (``latents.py``);
 4. noise levels: a distilled LoRA's phase edges at this resolution (``few_step_sigmas``), or FLUX's default
    ``linspace(1, 1/n, n)`` shifted by ``mu(image tokens)`` (``FlowMatchEulerDiscreteScheduler``);
-5. Euler steps ``x <- x + (s' - s) v``, ``v = transformer(x, s, text, guidance)``; with a negative prompt and
-   ``true_cfg_scale > 1`` also ``v = v_neg + w (v - v_neg)`` (classifier-free guidance);
-6. unpack, ``z / scaling_factor + shift_factor``, VAE decode, ``[-1, 1] -> [0, 1]``.
+5. Euler steps ``x <- x + (s' - s) v`` (``schedulers.samplers.sample_euler`` over the scheduler's sigmas),
+   ``v = transformer(x, s, text, guidance)``; with a negative prompt and ``true_cfg_scale > 1`` also
+   ``v = v_neg + w (v - v_neg)`` (``schedules.classifier_free_guidance``);
+6. unpack, ``z / scaling_factor + shift_factor``, VAE decode (``latents.decode_latents``), ``[-1, 1] -> [0, 1]``.
 
 The transformer call can be replaced by a compiled one (``set_transformer_runner``, see ``inference/compile.py``).
 """
@@ -21,14 +22,14 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import paddle
-from tqdm.auto import tqdm
 
+from .. import schedules
 from ..models import lora as lora_lib
 from ..models import lora_io
 from ..models.weights import load_flux_transformer
-from ..schedulers.samplers import few_step_sigmas
+from ..schedulers.samplers import few_step_sigmas, sample_euler
 from . import flux_folder
-from .latents import latent_image_ids, pack_latents, resolve_seeds, seeded_noise, text_ids, unpack_latents
+from .latents import decode_latents, latent_image_ids, pack_latents, resolve_seeds, seeded_noise, text_ids
 from .text_encoding import PromptEmbeddings, encode_prompts, repeat_per_image
 
 __all__ = ["FluxPipeline", "FluxPipelineOutput"]
@@ -211,11 +212,7 @@ class FluxPipeline:
 
     def decode(self, packed: paddle.Tensor, height: int, width: int) -> np.ndarray:
         """Packed latents -> images ``[B, H, W, 3]`` float32 in [0, 1]."""
-        latents = unpack_latents(packed, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        cfg = self.vae.config
-        latents = latents.astype("float32") / cfg.scaling_factor + cfg.shift_factor
-        with paddle.no_grad():
-            images = self.vae.decode(latents.astype(self.vae.dtype)).sample.astype("float32")
+        images = decode_latents(self.vae, packed, height // self.vae_scale_factor, width // self.vae_scale_factor)
         return (images / 2 + 0.5).clip(0, 1).transpose([0, 2, 3, 1]).numpy()
 
     # ------------------------------------------------------------------------------------------------ call
@@ -244,7 +241,7 @@ class FluxPipeline:
             guidance_scale = float(self.lora_sampling.get("guidance_scale", DEFAULT_GUIDANCE))
         batch = len(prompts) * num_images_per_prompt
         do_true_cfg = true_cfg_scale > 1.0 and negatives is not None
-        steps = self.noise_levels(num_inference_steps, sigmas, height, width)
+        self.noise_levels(num_inference_steps, sigmas, height, width)
 
         embeddings = repeat_per_image(self.encode_prompt(prompts, max_sequence_length), num_images_per_prompt)
         negative = None
@@ -266,17 +263,17 @@ class FluxPipeline:
         guidance = (paddle.full([batch], guidance_scale, dtype="float32")
                     if self.transformer.config.guidance_embeds else None)
 
+        def velocity_fn(x, sigma):
+            velocity = self._velocity(x, embeddings, sigma, guidance, img_ids, txt_ids)
+            if do_true_cfg:
+                v_neg = self._velocity(x, negative, sigma, guidance, img_ids, txt_ids)
+                velocity = schedules.classifier_free_guidance(v_neg, velocity, true_cfg_scale)
+            return velocity
+
+        step_callback = None if callback is None else (lambda info: callback(info["i"], info["sigma_next"], info["x"]))
         with paddle.no_grad():
-            for i, t in enumerate(tqdm(self.scheduler.timesteps, total=steps, disable=self._progress_disabled,
-                                       desc="sampling")):
-                timestep = paddle.expand(t.astype("float32").reshape([1]), [batch]) / 1000  # sigma, as diffusers
-                velocity = self._velocity(latents, embeddings, timestep, guidance, img_ids, txt_ids)
-                if do_true_cfg:
-                    v_neg = self._velocity(latents, negative, timestep, guidance, img_ids, txt_ids)
-                    velocity = v_neg + true_cfg_scale * (velocity - v_neg)
-                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
-                if callback is not None:
-                    callback(i, self.scheduler.sigmas[i + 1].item(), latents)
+            latents = sample_euler(velocity_fn, latents, self.scheduler.sigmas, callback=step_callback,
+                                   progress=not self._progress_disabled)
 
         used_sigmas = self.scheduler.sigmas.numpy().tolist()
         if output_type == "latent":

@@ -1,7 +1,10 @@
-"""Samplers as plain functions over ``schedules`` (k-diffusion style), and the few-step sigmas of a student.
+"""The Euler integrator of the flow ODE (k-diffusion style), and the few-step sigmas of a student.
 
 ``sample_euler(velocity_fn, x, sigmas)`` integrates the flow ODE ``dx/ds = v(x, s)`` from ``sigmas[0]``
-down to ``sigmas[-1]`` with Euler steps ``x_{s'} = x_s + (s' - s) * v`` (ALGORITHMS.md, Notation).
+down to ``sigmas[-1]`` with Euler steps ``x_{s'} = x_s + (s' - s) * v`` (ALGORITHMS.md, Notation), each one
+:func:`euler_update`. It is the one sampler loop of the library: ``FluxPipeline`` (over its scheduler's
+sigmas), the methods' few-step ``sample`` and validation images all call it; the stateful
+``FlowMatchEulerDiscreteScheduler.step`` (diffusers' interface) calls :func:`euler_update`.
 A distilled K-phase student samples with the phase-edge sigmas ``1 -> ... -> 0`` (ALGORITHMS.md,
 "Solver grid and phases"), computed for the requested resolution by :func:`few_step_sigmas`.
 """
@@ -9,10 +12,11 @@ import numbers
 
 import numpy as np
 import paddle
+from tqdm.auto import tqdm
 
 from .. import schedules
 
-__all__ = ["sample_euler", "few_step_sigmas"]
+__all__ = ["euler_update", "sample_euler", "few_step_sigmas"]
 
 
 def _as_level_list(sigmas):
@@ -29,11 +33,27 @@ def _as_level_list(sigmas):
     return values
 
 
-def sample_euler(velocity_fn, x, sigmas, callback=None):
+def euler_update(x, sigma, sigma_next, velocity, out_dtype=None):
+    """One Euler step ``x + (sigma_next - sigma) * v`` computed in float32, as diffusers' scheduler does.
+
+    Args:
+        x, velocity: ``[B, ...]`` sample at level ``sigma`` and its velocity (any float dtype).
+        sigma, sigma_next: python floats in [0, 1].
+        out_dtype: dtype of the result (default ``x``'s).
+    Returns:
+        ``[B, ...]`` sample at level ``sigma_next``.
+    """
+    if list(velocity.shape) != list(x.shape):
+        raise ValueError(f"velocity has shape {list(velocity.shape)} for a sample of shape {list(x.shape)}")
+    x_next = schedules.euler_step(x.astype("float32"), sigma, sigma_next, velocity.astype("float32"))
+    return x_next.astype(x.dtype if out_dtype is None else out_dtype)
+
+
+def sample_euler(velocity_fn, x, sigmas, callback=None, progress=False):
     """Euler integration of the flow ODE over ``sigmas`` (k-diffusion's ``sample_euler`` for velocities).
 
-    For each consecutive pair ``(s, s')``: ``v = velocity_fn(x, s_batch)``, ``x <- x + (s' - s) * v``.
-    The update is done in float32 and cast back to ``x``'s dtype (as diffusers' scheduler does).
+    For each consecutive pair ``(s, s')``: ``v = velocity_fn(x, s_batch)``, ``x <- euler_update(x, s, s', v)``
+    (float32 arithmetic, cast back to ``x``'s dtype).
 
     Args:
         velocity_fn: ``(x [B, ...], sigma [B] float32) -> v [B, ...]``.
@@ -41,21 +61,21 @@ def sample_euler(velocity_fn, x, sigmas, callback=None):
         sigmas: strictly decreasing levels in [0, 1] (list, numpy array or paddle tensor ``[n + 1]``).
         callback: optional ``callback(info)`` after each step with ``info`` a dict of ``i``, ``sigma``,
             ``sigma_next``, ``x`` (the new sample), ``velocity`` and ``denoised`` (``x0 = x_s - s * v``).
+        progress: show a tqdm bar over the steps.
     Returns:
         ``[B, ...]`` sample at level ``sigmas[-1]``.
     """
     levels = _as_level_list(sigmas)
     batch = x.shape[0]
-    for i, (sigma, sigma_next) in enumerate(zip(levels[:-1], levels[1:])):
+    steps = list(zip(levels[:-1], levels[1:]))
+    for i, (sigma, sigma_next) in enumerate(tqdm(steps, desc="sampling", disable=not progress)):
         sigma_batch = paddle.full([batch], sigma, dtype="float32")
         velocity = velocity_fn(x, sigma_batch)
-        if list(velocity.shape) != list(x.shape):
-            raise ValueError(f"velocity_fn returned shape {list(velocity.shape)} for a sample of shape {list(x.shape)}")
-        x_f32, v_f32 = x.astype("float32"), velocity.astype("float32")
-        x_next = schedules.euler_step(x_f32, sigma, sigma_next, v_f32).astype(x.dtype)
+        x_next = euler_update(x, sigma, sigma_next, velocity)
         if callback is not None:
             callback({"i": i, "sigma": sigma, "sigma_next": sigma_next, "x": x_next, "velocity": velocity,
-                      "denoised": schedules.x0_from_velocity(x_f32, sigma, v_f32)})
+                      "denoised": schedules.x0_from_velocity(x.astype("float32"), sigma,
+                                                             velocity.astype("float32"))})
         x = x_next
     return x
 

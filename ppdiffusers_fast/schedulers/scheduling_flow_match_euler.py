@@ -7,8 +7,10 @@ Same configuration names and the same ``timesteps`` / ``sigmas`` as diffusers'
 Schedule (ALGORITHMS.md "Time shift"): given unshifted levels ``t`` (by default
 ``linspace(1, 1/num_train_timesteps, n)``; FLUX pipelines pass ``sigmas = linspace(1, 1/n, n)``),
 ``sigma = shift(t; mu) = e^mu / (e^mu + (1/t - 1))`` with dynamic shifting, or the static shift
-``sigma = shift * t / (1 + (shift - 1) * t)`` without it; ``timesteps = 1000 * sigma``; a terminal
-``sigma = 0`` is appended. Each Euler step is ``x_{s'} = x_s + (s' - s) * v``.
+``sigma = shift * t / (1 + (shift - 1) * t)`` without it (``schedules.time_shift`` / ``static_time_shift``);
+``timesteps = 1000 * sigma``; a terminal ``sigma = 0`` is appended. :meth:`step` is diffusers' stateful
+interface to the one Euler update of ``schedulers.samplers`` (``euler_update``); ``FluxPipeline`` samples
+with ``samplers.sample_euler`` over this scheduler's ``sigmas``.
 """
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
@@ -20,6 +22,7 @@ from ppdiffusers.schedulers.scheduling_utils import SchedulerMixin
 from ppdiffusers.utils import BaseOutput
 
 from .. import schedules
+from .samplers import euler_update
 
 __all__ = ["FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteSchedulerOutput"]
 
@@ -96,7 +99,7 @@ class FlowMatchEulerDiscreteScheduler(SchedulerMixin, ConfigMixin):
 
         t = np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1] / num_train_timesteps
         if not use_dynamic_shifting:
-            t = shift * t / (1 + (shift - 1) * t)
+            t = schedules.static_time_shift(t, float(shift))
         self.sigmas = paddle.to_tensor(t.astype(np.float32))
         self.timesteps = self.sigmas * num_train_timesteps
         # Unshifted range with dynamic shifting (1 and 1/num_train_timesteps), as diffusers.
@@ -159,8 +162,7 @@ class FlowMatchEulerDiscreteScheduler(SchedulerMixin, ConfigMixin):
         if self.config.use_dynamic_shifting:
             shifted = schedules.time_shift(t, float(mu))
         else:
-            shift = self.config.shift
-            shifted = shift * t / (1 + (shift - 1) * t)
+            shifted = schedules.static_time_shift(t, float(self.config.shift))
         sigmas_f32 = paddle.to_tensor(np.asarray(shifted).astype(np.float32))
         self.timesteps = sigmas_f32 * self.config.num_train_timesteps
         self.sigmas = paddle.concat([sigmas_f32, paddle.zeros([1], dtype="float32")])
@@ -225,10 +227,8 @@ class FlowMatchEulerDiscreteScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"no step left: the schedule has {self.num_inference_steps} steps")
         sigma = self.sigmas[self._step_index].item()
         sigma_next = self.sigmas[self._step_index + 1].item()
-        prev_sample = schedules.euler_step(sample.astype("float32"), sigma, sigma_next,
-                                           model_output.astype("float32"))
+        prev_sample = euler_update(sample, sigma, sigma_next, model_output, out_dtype=model_output.dtype)
         self._step_index += 1
-        prev_sample = prev_sample.astype(model_output.dtype)
         if not return_dict:
             return (prev_sample,)
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample)

@@ -1,9 +1,14 @@
-"""FLUX latent packing, position ids and seeded noise, against index arithmetic written out by hand."""
+"""FLUX latent packing, position ids and seeded noise, against index arithmetic written out by hand; the VAE
+decode of packed latents against the VAE called by hand."""
+from pathlib import Path
+
 import numpy as np
 import paddle
 import pytest
 
+from ppdiffusers_fast.pipelines.flux_folder import load_vae
 from ppdiffusers_fast.pipelines.latents import (
+    decode_latents,
     latent_image_ids,
     pack_latents,
     resolve_seeds,
@@ -66,3 +71,16 @@ def test_seeded_noise_depends_only_on_the_image_seed():
     np.testing.assert_array_equal(together[1], alone[0])
     expected = np.random.default_rng(11).standard_normal([4, 2, 2], dtype=np.float32)
     np.testing.assert_array_equal(together[0], expected)
+
+
+def test_decode_latents_unscales_unshifts_and_decodes():
+    vae = load_vae(Path(__file__).resolve().parents[1] / "fixtures" / "pipeline" / "tiny_flux")
+    scale, shift = vae.config.scaling_factor, vae.config.shift_factor
+    assert scale != 1.0 and shift != 0.0  # the fixture VAE makes both steps visible
+    rng = np.random.RandomState(0)
+    latents = paddle.to_tensor(rng.randn(2, vae.config.latent_channels, 4, 6).astype("float32"))
+    with paddle.no_grad():
+        expected = vae.decode(latents / scale + shift).sample.numpy()
+    images = decode_latents(vae, pack_latents(latents), 4, 6)
+    assert images.dtype == paddle.float32 and list(images.shape) == [2, 3, 32, 48]  # 8x the latent grid
+    np.testing.assert_allclose(images.numpy(), expected, atol=1e-6, rtol=0)

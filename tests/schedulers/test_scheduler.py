@@ -7,7 +7,7 @@ import paddle
 import pytest
 
 from ppdiffusers_fast import schedules
-from ppdiffusers_fast.schedulers.samplers import few_step_sigmas, sample_euler
+from ppdiffusers_fast.schedulers.samplers import euler_update, few_step_sigmas, sample_euler
 from ppdiffusers_fast.schedulers.scheduling_flow_match_euler import FlowMatchEulerDiscreteScheduler
 
 PARITY_ATOL = 1e-6
@@ -170,7 +170,7 @@ def test_sample_euler_rejects_bad_sigmas():
         sample_euler(lambda s, t: s, x, [0.5, 0.8])
     with pytest.raises(ValueError, match="at least 2"):
         sample_euler(lambda s, t: s, x, [1.0])
-    with pytest.raises(ValueError, match="returned shape"):
+    with pytest.raises(ValueError, match="velocity has shape"):
         sample_euler(lambda s, t: paddle.zeros([1, 3]), x, [1.0, 0.0])
 
 
@@ -202,3 +202,13 @@ def test_few_step_sigmas_rejects_bad_metadata():
         few_step_sigmas({**good, "num_euler_timesteps": 0}, 1024, 1024)
     with pytest.raises(ValueError, match="multiple of 16"):
         few_step_sigmas(good, 1000, 1024)
+
+
+def test_euler_update_by_hand_and_its_output_dtype():
+    x = paddle.to_tensor([[1.0, 2.0]])
+    v = paddle.to_tensor([[0.5, -1.0]])
+    # x + (0.3 - 0.8) v = [1 - 0.25, 2 + 0.5]
+    np.testing.assert_allclose(euler_update(x, 0.8, 0.3, v).numpy(), [[0.75, 2.5]], atol=1e-7)
+    assert euler_update(x, 0.8, 0.3, v, out_dtype="float64").dtype == paddle.float64
+    with pytest.raises(ValueError, match="velocity has shape"):
+        euler_update(x, 0.8, 0.3, paddle.zeros([1, 3]))

@@ -260,3 +260,27 @@ def test_renoise_rejects_bad_levels():
         schedules.renoise(x, 1.0, 1.0, x)
     with pytest.raises(ValueError, match="r must lie in"):
         schedules.renoise(x, 0.5, 1.2, x)
+
+
+def test_static_time_shift_by_hand():
+    # shift 3 at t = 0.5: 3 * 0.5 / (1 + 2 * 0.5) = 0.75; shift 1 is the identity; the ends stay fixed
+    assert schedules.static_time_shift(0.5, 3.0) == 0.75
+    t = np.array([0.0, 0.25, 1.0], dtype=np.float32)
+    shifted = schedules.static_time_shift(t, 3.0)
+    assert shifted.dtype == np.float32
+    np.testing.assert_allclose(shifted, [0.0, 0.5, 1.0], atol=0)  # 0.75 / 1.5 = 0.5
+    np.testing.assert_allclose(schedules.static_time_shift(paddle.to_tensor(t), 1.0).numpy(), t, atol=0)
+    with pytest.raises(ValueError, match="shift must be a positive"):
+        schedules.static_time_shift(0.5, 0.0)
+    with pytest.raises(ValueError, match="t must lie in"):
+        schedules.static_time_shift(1.5, 2.0)
+
+
+def test_classifier_free_guidance_by_hand():
+    v_uncond = paddle.to_tensor([[1.0, -2.0]])
+    v_cond = paddle.to_tensor([[2.0, 0.0]])
+    # u + w (c - u) with w = 3: [1 + 3 * 1, -2 + 3 * 2]
+    np.testing.assert_allclose(schedules.classifier_free_guidance(v_uncond, v_cond, 3.0).numpy(), [[4.0, 4.0]])
+    np.testing.assert_allclose(schedules.classifier_free_guidance(v_uncond, v_cond, 1.0).numpy(), v_cond.numpy())
+    with pytest.raises(ValueError, match="same shape"):
+        schedules.classifier_free_guidance(v_uncond, paddle.zeros([2, 2]), 3.0)

@@ -4,9 +4,9 @@ Sampling (ALGORITHMS.md: Notation, Time shift) for ``B`` prompts at the demo res
 
     x_1   = pack(noise [B, 16, R/f, R/f])          (one numpy PCG64 stream per seed, as FluxPipeline)
     sigmas = shift(linspace(1, 1/n, n); mu(L_img)) + [0]   (FLUX's default n-step levels)
-    v     = v(x, s, "") + w * (v(x, s, prompt) - v(x, s, ""))   (classifier-free guidance, one doubled batch)
+    v     = v(x, s, "") + w * (v(x, s, prompt) - v(x, s, ""))   (schedules.classifier_free_guidance, one doubled batch)
     x_{s'} = x_s + (s' - s) v                       (schedulers.samplers.sample_euler)
-    image = vae.decode(unpack(x_0) / scaling_factor + shift_factor)   in [-1, 1]
+    image = vae.decode(unpack(x_0) / scaling_factor + shift_factor)   in [-1, 1]   (pipelines.latents.decode_latents)
 
 These are the steps ``FluxPipeline`` takes with ``negative_prompt=""`` and ``true_cfg_scale=w``; the folder loads
 through the same loaders (``pipelines/flux_folder.py``, ``models/weights.load_flux_transformer``).
@@ -21,8 +21,7 @@ import paddle
 from ppdiffusers_fast import schedules
 from ppdiffusers_fast.models.weights import load_flux_transformer
 from ppdiffusers_fast.pipelines import flux_folder
-from ppdiffusers_fast.pipelines.latents import (latent_image_ids, pack_latents, seeded_noise, text_ids,
-                                                unpack_latents)
+from ppdiffusers_fast.pipelines.latents import decode_latents, latent_image_ids, pack_latents, seeded_noise, text_ids
 from ppdiffusers_fast.pipelines.text_encoding import encode_prompts
 from ppdiffusers_fast.schedulers.samplers import sample_euler
 from .config import DEMO_CONFIG_NAME, DEMO_MODEL_DIR, all_prompts
@@ -93,7 +92,7 @@ class DemoTeacher:
         both = self.transformer(paddle.concat([x, x]), sequence, pooled, paddle.concat([sigma, sigma]), self.img_ids,
                                 self.txt_ids, None, return_dict=False)[0]
         v_cond, v_uncond = both[:batch], both[batch:]
-        return v_uncond + w * (v_cond - v_uncond)
+        return schedules.classifier_free_guidance(v_uncond, v_cond, w)
 
     # ------------------------------------------------------------------------------------------ sampling
     def initial_noise(self, seeds: Sequence[int]) -> paddle.Tensor:
@@ -114,10 +113,7 @@ class DemoTeacher:
 
     def decode(self, packed: paddle.Tensor) -> np.ndarray:
         """Packed latents -> images ``[B, 3, R, R]`` float32 in [-1, 1]."""
-        config = self.vae.config
-        latents = unpack_latents(packed, self.latent_size, self.latent_size) / config.scaling_factor + config.shift_factor
-        with paddle.no_grad():
-            return self.vae.decode(latents).sample.clip(-1, 1).numpy()
+        return decode_latents(self.vae, packed, self.latent_size, self.latent_size).clip(-1, 1).numpy()
 
     def generate(self, labels: Sequence[int], seeds: Sequence[int], num_steps: int = 50,
                  guidance_scale: Optional[float] = None, batch_size: int = 50) -> np.ndarray:
