@@ -65,13 +65,10 @@ class Validator:
 
 def vae_decoder(vae, latent_h: int, latent_w: int) -> Callable[[paddle.Tensor], List[np.ndarray]]:
     """``tokens [B, L, C] -> B images [H, W, 3] uint8`` through ``vae`` (undoing its scaling and shift)."""
-    from ..pipelines.latents import unpack_latents
+    from ..pipelines.latents import decode_latents
 
-    @paddle.no_grad()
     def decode(tokens):
-        latents = unpack_latents(tokens.astype("float32"), latent_h, latent_w)
-        latents = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        images = vae.decode(latents.astype(vae.dtype)).sample.astype("float32")
+        images = decode_latents(vae, tokens, latent_h, latent_w)
         images = ((images.clip(-1, 1) + 1) * 127.5).round().numpy().astype(np.uint8)
         return [image.transpose(1, 2, 0) for image in images]
 
