@@ -11,6 +11,12 @@
 #   OUTPUT_DIR  checkpoints, logs and the final LoRA (default outputs/lora_flux_lightning)
 #   GPUS        GPU ids for multi-GPU data parallel, e.g. "0,1,2,3,4,5,6,7" (unset: one process)
 #   NPROC       processes per node without GPUs (CPU data parallel over gloo), e.g. 2
+#   NNODES      machines in a multi-node data-parallel run (default 1); each machine runs this script with
+#   NODE_RANK   its own rank 0..NNODES-1, and
+#   MASTER      the rendezvous address ip:port of a free port on the rank-0 machine (the same on every machine)
+#   IPS         instead of MASTER/NODE_RANK: every machine's ip, comma-separated (the node finds itself in the
+#               list; START_PORT, default 6070, is the first port used on each machine)
+#   LOG_DIR     where paddle.distributed.launch writes each process's log (default ./log)
 #   PYTHON      the interpreter (default python)
 # Any argument is passed on to the training entry point after the defaults, so it overrides them.
 #
@@ -22,6 +28,13 @@
 #     bash scripts/train_flux_lightning.sh
 # CPU data parallel (gloo), e.g. two processes:
 #   NPROC=2 TEACHER=... DATA_PATH=... bash scripts/train_flux_lightning.sh
+# Two machines with 8 GPUs each (run on both; NODE_RANK=0 on the machine whose address MASTER names):
+#   NNODES=2 NODE_RANK=0 MASTER=10.0.0.1:8090 GPUS=0,1,2,3,4,5,6,7 TEACHER=... DATA_PATH=... \
+#     bash scripts/train_flux_lightning.sh
+#   NNODES=2 NODE_RANK=1 MASTER=10.0.0.1:8090 GPUS=0,1,2,3,4,5,6,7 TEACHER=... DATA_PATH=... \
+#     bash scripts/train_flux_lightning.sh
+# TEACHER, DATA_PATH and OUTPUT_DIR must name the same files on every machine (a shared file system: every
+# rank writes its data position into the checkpoint folder).
 # Overrides, e.g. the reference's alternating discriminator/generator updates, or a trained fake score:
 #   TEACHER=... DATA_PATH=... bash scripts/train_flux_lightning.sh --adv_alternate
 #   TEACHER=... DATA_PATH=... bash scripts/train_flux_lightning.sh --dmd_fake_score adapter --dmd_fake_score_updates 5
@@ -36,6 +49,11 @@ FILE_LIST=${FILE_LIST:-}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/lora_flux_lightning}
 GPUS=${GPUS:-}
 NPROC=${NPROC:-}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-}
+MASTER=${MASTER:-}
+IPS=${IPS:-}
+START_PORT=${START_PORT:-6070}
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TRAIN_SCRIPT="$REPO_ROOT/examples/flux_lightning/train_flux_lightning_lora.py"
 
@@ -74,11 +92,48 @@ if [[ ! -f "$TRAIN_SCRIPT" ]]; then
   exit 2
 fi
 
+if ! [[ "$NNODES" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: NNODES=$NNODES is not a positive number of machines" >&2
+  exit 2
+fi
+NODE_ARGS=()
+if (( NNODES > 1 )) || [[ -n "$MASTER$IPS$NODE_RANK" ]]; then
+  if [[ -n "$IPS" ]]; then
+    if [[ -n "$MASTER$NODE_RANK" ]]; then
+      echo "error: give either IPS or MASTER with NODE_RANK, not both" >&2
+      exit 2
+    fi
+    IFS=, read -r -a IP_LIST <<< "$IPS"
+    if (( ${#IP_LIST[@]} != NNODES )) && (( NNODES > 1 )); then
+      echo "error: IPS=$IPS names ${#IP_LIST[@]} machines but NNODES=$NNODES" >&2
+      exit 2
+    fi
+    NODE_ARGS=(--ips "$IPS" --start_port "$START_PORT")
+  else
+    if [[ -z "$MASTER" || -z "$NODE_RANK" ]]; then
+      echo "error: NNODES=$NNODES needs MASTER=<ip:port on the rank-0 machine> and NODE_RANK=<0..$((NNODES - 1))> (or IPS)" >&2
+      exit 2
+    fi
+    if ! [[ "$MASTER" =~ ^[^:]+:[0-9]+$ ]]; then
+      echo "error: MASTER=$MASTER is not ip:port" >&2
+      exit 2
+    fi
+    if ! [[ "$NODE_RANK" =~ ^[0-9]+$ ]] || (( NODE_RANK >= NNODES )); then
+      echo "error: NODE_RANK=$NODE_RANK is not in 0..$((NNODES - 1))" >&2
+      exit 2
+    fi
+    NODE_ARGS=(--master "$MASTER" --nnodes "$NNODES" --rank "$NODE_RANK")
+  fi
+fi
+
 LAUNCH=("$PYTHON" -u)
 if [[ -n "$GPUS" ]]; then
-  LAUNCH=("$PYTHON" -u -m paddle.distributed.launch --gpus "$GPUS")
-elif [[ -n "$NPROC" ]]; then
-  LAUNCH=("$PYTHON" -u -m paddle.distributed.launch --nproc_per_node "$NPROC")
+  LAUNCH=("$PYTHON" -u -m paddle.distributed.launch "${NODE_ARGS[@]}" --gpus "$GPUS")
+elif [[ -n "$NPROC" || ${#NODE_ARGS[@]} -gt 0 ]]; then
+  LAUNCH=("$PYTHON" -u -m paddle.distributed.launch "${NODE_ARGS[@]}" --nproc_per_node "${NPROC:-1}")
+fi
+if [[ -n "${LOG_DIR:-}" && ${#LAUNCH[@]} -gt 2 ]]; then
+  LAUNCH+=(--log_dir "$LOG_DIR")
 fi
 
 DATA_ARGS=(--data_path "$DATA_PATH")

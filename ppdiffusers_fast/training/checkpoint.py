@@ -6,7 +6,9 @@ Layout of ``<output_dir>/checkpoint-<step>/``:
                                   plus extra state such as an EMA adapter; stored as float32
     optimizer-<group>.safetensors AdamW moments, beta powers and master weights, "<param>::<state>"
     training_state.json           step, per-group scheduler state and learning rate, world size
-    rank-<r>.json                 RNG states (paddle, numpy, python) and data position of rank r
+    rank-<r>.json                 RNG states (paddle, numpy, python) and data position of rank r, and the
+                                  SHA-256 of rank r's trainable tensors (``arrays_digest``: equal on every
+                                  rank of a data-parallel run, and equal to trainable.safetensors')
     config.json                   the resolved training config
 
 A checkpoint is written into ``<output_dir>/.tmp-checkpoint-<step>-<pid>/`` and renamed to its final
@@ -15,6 +17,7 @@ while writing leaves the previous checkpoints untouched; stale temporary folders
 looking for the latest checkpoint and removed by the next save. Only the newest ``total_limit``
 checkpoints are kept.
 """
+import hashlib
 import json
 import os
 import re
@@ -44,6 +47,16 @@ def rank_file(rank: int) -> str:
 def save_arrays(arrays: Dict[str, np.ndarray], path) -> None:
     """Write float arrays as F32 safetensors (bf16/fp16 widen exactly)."""
     save_file({name: (np.asarray(a, dtype=np.float32), "F32") for name, a in arrays.items()}, path)
+
+
+def arrays_digest(arrays: Dict[str, np.ndarray]) -> str:
+    """SHA-256 over the names, shapes and float32 bytes of ``arrays``, in name order (as ``save_arrays`` stores them)."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        value = np.ascontiguousarray(arrays[name], dtype=np.float32)
+        digest.update(f"{name}:{list(value.shape)}:".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def write_json(payload, path) -> None:

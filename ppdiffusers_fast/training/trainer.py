@@ -181,13 +181,14 @@ class Trainer:
             temp = self.writer.begin(step)
         dist.barrier()
         temp = self.writer.temp_dir(step)
-        ckpt.write_json({"rng": capture_rng_state(), "data": self.batches.state_dict()},
-                        temp / ckpt.rank_file(self.rank))
+        tensors = {name: t.astype("float32").numpy() for name, t in self.method.checkpoint_tensors().items()}
+        ckpt.write_json({"rng": capture_rng_state(), "data": self.batches.state_dict(),
+                         "trainable_sha256": ckpt.arrays_digest(tensors)}, temp / ckpt.rank_file(self.rank))
         dist.barrier()
         final = self.writer.final_dir(step)
         if self.rank == 0:
             try:
-                self._write_rank0_files(temp)
+                self._write_rank0_files(temp, tensors)
                 final = self.writer.commit(step)
             except BaseException:
                 self.writer.abort(step)
@@ -195,8 +196,7 @@ class Trainer:
         dist.barrier()
         return final
 
-    def _write_rank0_files(self, temp: Path) -> None:
-        tensors = {name: t.astype("float32").numpy() for name, t in self.method.checkpoint_tensors().items()}
+    def _write_rank0_files(self, temp: Path, tensors: Dict[str, np.ndarray]) -> None:
         ckpt.save_arrays(tensors, temp / ckpt.TRAINABLE_FILE)
         groups = {}
         for group, optimizer in self.optimizers.items():
