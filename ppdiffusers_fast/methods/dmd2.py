@@ -144,12 +144,10 @@ class DMD2(DistillationMethod):
         noise = paddle.randn(x0.shape, dtype="float32")
         if not self.config.dmd2_backward_simulation:
             return schedules.add_noise(x0, noise, levels[k])
-        x = noise
+        if k == 0:
+            return noise
         with paddle.no_grad():
-            for j in range(k):
-                velocity, _ = self._student_velocity(x, levels[j], cond)
-                x = schedules.euler_step(x, levels[j], levels[j + 1], velocity)
-        return x
+            return sample_euler(lambda x, s: self._student_velocity(x, s, cond)[0], noise, levels[:k + 1])
 
     def train_step(self, batch: LatentBatch, step: int) -> List[StepResult]:
         groups = self.update_schedule(step)

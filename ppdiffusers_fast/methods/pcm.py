@@ -167,17 +167,17 @@ class PCM(DistillationMethod):
 
     @paddle.no_grad()
     def teacher_solve(self, x, sigma_from, sigma_to, cond: FluxCondition):
-        """Guided teacher Euler from ``sigma_from`` to ``sigma_to`` ([B] each) in ``num_teacher_steps`` sub-steps."""
+        """Guided teacher Euler from ``sigma_from`` to ``sigma_to`` ([B] each) in ``num_teacher_steps`` equal
+        sub-steps (``sample_euler`` with one level grid per sample)."""
         steps = self.config.num_teacher_steps
         scale = self.schedule.guidance_scale
         if self.guidance_mode == "cfg" and not self.config.apply_cfg_solver:
             scale = 1.0
-        for j in range(steps):
-            s = sigma_from + (sigma_to - sigma_from) * (j / steps)
-            s_next = sigma_from + (sigma_to - sigma_from) * ((j + 1) / steps)
-            v = teacher_velocity(self.denoiser, x, s, cond, scale, self.guidance_mode, self.unconditional)
-            x = schedules.euler_step(x, s, s_next, v.astype(x.dtype))
-        return x
+        levels = paddle.stack([sigma_from + (sigma_to - sigma_from) * (j / steps) for j in range(steps + 1)])
+
+        def velocity(x_s, s):
+            return teacher_velocity(self.denoiser, x_s, s, cond, scale, self.guidance_mode, self.unconditional)
+        return sample_euler(velocity, x, levels)  # levels [steps + 1, B]: one grid per sample
 
     def consistency_pair(self, x0, noise, index, cond: FluxCondition) -> ConsistencyPair:
         """Student prediction and stop-gradient target for given grid indices and noise.

@@ -20,17 +20,27 @@ __all__ = ["euler_update", "sample_euler", "few_step_sigmas"]
 
 
 def _as_level_list(sigmas):
+    """Levels as python floats (one grid for the batch), or float32 ``[B]`` tensors (a grid per sample).
+
+    A 2-D tensor ``[n + 1, B]`` holds one grid per sample (column); anything else is one grid ``[n + 1]``.
+    """
+    per_sample = isinstance(sigmas, paddle.Tensor) and sigmas.ndim == 2
     if isinstance(sigmas, paddle.Tensor):
-        values = sigmas.astype("float64").numpy().reshape([-1]).tolist()
+        values = sigmas.astype("float64").numpy()
     else:
-        values = [float(s) for s in np.asarray(sigmas, dtype=np.float64).reshape([-1])]
-    if len(values) < 2:
-        raise ValueError(f"sigmas needs at least 2 levels (start and end), got {values}")
-    if any(not 0.0 <= s <= 1.0 for s in values):
-        raise ValueError(f"sigmas must lie in [0, 1], got {values}")
-    if any(b >= a for a, b in zip(values[:-1], values[1:])):
-        raise ValueError(f"sigmas must strictly decrease, got {values}")
-    return values
+        values = np.asarray(sigmas, dtype=np.float64)
+    values = values if per_sample else values.reshape([-1, 1])
+    shown = values.tolist() if per_sample else values[:, 0].tolist()
+    if values.shape[0] < 2:
+        raise ValueError(f"sigmas needs at least 2 levels (start and end), got {shown}")
+    if not np.all((values >= 0.0) & (values <= 1.0)):  # also rejects NaN
+        raise ValueError(f"sigmas must lie in [0, 1], got {shown}")
+    if np.any(values[1:] >= values[:-1]):
+        raise ValueError(f"sigmas must strictly decrease, got {shown}")
+    if per_sample:
+        levels = sigmas.astype("float32")
+        return [levels[i] for i in range(levels.shape[0])]
+    return values[:, 0].tolist()
 
 
 def euler_update(x, sigma, sigma_next, velocity, out_dtype=None):
@@ -38,7 +48,7 @@ def euler_update(x, sigma, sigma_next, velocity, out_dtype=None):
 
     Args:
         x, velocity: ``[B, ...]`` sample at level ``sigma`` and its velocity (any float dtype).
-        sigma, sigma_next: python floats in [0, 1].
+        sigma, sigma_next: python floats or ``[B]`` tensors in [0, 1].
         out_dtype: dtype of the result (default ``x``'s).
     Returns:
         ``[B, ...]`` sample at level ``sigma_next``.
@@ -58,7 +68,8 @@ def sample_euler(velocity_fn, x, sigmas, callback=None, progress=False):
     Args:
         velocity_fn: ``(x [B, ...], sigma [B] float32) -> v [B, ...]``.
         x: ``[B, ...]`` start sample at level ``sigmas[0]`` (pure noise when ``sigmas[0] = 1``).
-        sigmas: strictly decreasing levels in [0, 1] (list, numpy array or paddle tensor ``[n + 1]``).
+        sigmas: strictly decreasing levels in [0, 1]: one grid for the batch (list, numpy array or paddle tensor
+            ``[n + 1]``), or a paddle tensor ``[n + 1, B]`` with one grid per sample (a column each).
         callback: optional ``callback(info)`` after each step with ``info`` a dict of ``i``, ``sigma``,
             ``sigma_next``, ``x`` (the new sample), ``velocity`` and ``denoised`` (``x0 = x_s - s * v``).
         progress: show a tqdm bar over the steps.
@@ -69,7 +80,7 @@ def sample_euler(velocity_fn, x, sigmas, callback=None, progress=False):
     batch = x.shape[0]
     steps = list(zip(levels[:-1], levels[1:]))
     for i, (sigma, sigma_next) in enumerate(tqdm(steps, desc="sampling", disable=not progress)):
-        sigma_batch = paddle.full([batch], sigma, dtype="float32")
+        sigma_batch = sigma if isinstance(sigma, paddle.Tensor) else paddle.full([batch], sigma, dtype="float32")
         velocity = velocity_fn(x, sigma_batch)
         x_next = euler_update(x, sigma, sigma_next, velocity)
         if callback is not None:

@@ -212,3 +212,23 @@ def test_euler_update_by_hand_and_its_output_dtype():
     assert euler_update(x, 0.8, 0.3, v, out_dtype="float64").dtype == paddle.float64
     with pytest.raises(ValueError, match="velocity has shape"):
         euler_update(x, 0.8, 0.3, paddle.zeros([1, 3]))
+
+
+def test_sample_euler_with_one_grid_per_sample_equals_separate_runs():
+    rng = np.random.default_rng(3)
+    weight = paddle.to_tensor(rng.standard_normal((4, 4)).astype(np.float32) * 0.3)
+    start = paddle.to_tensor(rng.standard_normal((2, 5, 4)).astype(np.float32))
+    seen = []
+
+    def velocity_fn(sample, sigma):
+        seen.append(sigma.numpy().copy())
+        return paddle.matmul(sample, weight) * (1 + sigma.reshape([-1, 1, 1]))
+
+    grids = paddle.to_tensor([[0.9, 0.6], [0.7, 0.5], [0.4, 0.2]])  # [n + 1, B]: column b is sample b's grid
+    together = sample_euler(velocity_fn, start, grids).numpy()
+    np.testing.assert_allclose(np.stack(seen), grids.numpy()[:-1], atol=0)  # each sample at its own level
+    for b in range(2):
+        alone = sample_euler(velocity_fn, start[b:b + 1], grids.numpy()[:, b]).numpy()
+        np.testing.assert_allclose(together[b:b + 1], alone, atol=1e-6)
+    with pytest.raises(ValueError, match="strictly decrease"):
+        sample_euler(velocity_fn, start, paddle.to_tensor([[0.9, 0.6], [0.7, 0.7]]))
