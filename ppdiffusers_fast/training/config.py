@@ -64,7 +64,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    data_path: Optional[str] = flag(None, "training data folder (LAION-style records or precomputed latents)")
+    data_path: Optional[str] = flag(None, "training data: a latent cache, a latent .safetensors file, tar shards, "
+                                          "an image folder with .txt captions, or base64 lines (--file_list_path)")
     file_list_path: Optional[str] = flag(None, "text file listing the data files relative to --data_path")
     resolution: int = flag(1024, "training image size (square) in pixels")
     center_crop: bool = flag(False, "center crop instead of random crop after resizing")

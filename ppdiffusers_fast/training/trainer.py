@@ -51,7 +51,8 @@ def resolve_max_train_steps(optim, batches_per_epoch: Optional[int]) -> int:
     if optim.max_train_steps is not None:
         return optim.max_train_steps
     if not batches_per_epoch:
-        raise ValueError("--max_train_steps None counts epochs, which needs the data's batches per epoch")
+        raise ValueError("--max_train_steps None counts epochs, which needs the data's batches per epoch "
+                         "(streamed tar shards have no known length: give --max_train_steps)")
     return optim.num_train_epochs * math.ceil(batches_per_epoch / optim.gradient_accumulation_steps)
 
 
