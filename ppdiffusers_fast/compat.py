@@ -1,4 +1,7 @@
-"""Small patches that make ppdiffusers 0.29 usable on Paddle 3.x, applied once on import.
+"""Small patches that make ppdiffusers 0.29 usable on Paddle 3.x.
+
+Applied (once) by the modules that import ppdiffusers, before their first ppdiffusers import: importing
+the package itself patches nothing, so its pure parts (losses, schedules) cost little more than Paddle.
 
 1. Paddle 3's ``nn.ParameterDict`` has no ``keys()/items()/values()``; ``ppdiffusers.peft`` calls them.
 2. Importing ppdiffusers sets ``np.bool = bool`` (a numpy 1.x workaround); under numpy 2 that breaks

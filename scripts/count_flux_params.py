@@ -11,7 +11,6 @@ import time
 
 import paddle
 
-import ppdiffusers_fast  # noqa: F401  (compatibility patches)
 from ppdiffusers_fast.models.transformer_flux import FluxTransformer2DModel, count_parameters
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "flux_lightning"))
 
-import ppdiffusers_fast  # noqa: E402,F401  (compatibility patches)
 from demo.config import DEMO_MODEL_DIR, TeacherTrainingConfig  # noqa: E402  (the demo is example code)
 from demo.train_teacher import train_demo_teacher  # noqa: E402
 

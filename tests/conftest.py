@@ -5,7 +5,9 @@ import numpy as np
 import paddle
 import pytest
 
-import ppdiffusers_fast  # noqa: F401  (applies the compatibility patches)
+from ppdiffusers_fast import compat
+
+compat.apply()  # tests import ppdiffusers directly too
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

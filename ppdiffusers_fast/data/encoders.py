@@ -20,7 +20,7 @@ class VaeLatentEncoder:
 
     def __init__(self, vae, sample=False):
         self.vae = vae
-        self.vae.eval()  # trusted: nn.Layer.eval() (inference mode), not Python eval
+        self.vae.eval()
         self.sample = sample
         self.scaling_factor = vae.config.scaling_factor
         self.shift_factor = vae.config.shift_factor or 0.0
@@ -49,8 +49,8 @@ class FluxTextEncoder:
         self.t5_tokenizer, self.t5_encoder = t5_tokenizer, t5_encoder
         self.max_sequence_length = max_sequence_length
         self.clip_max_length = clip_max_length
-        clip_text_model.eval()  # trusted: nn.Layer.eval() (inference mode), not Python eval
-        t5_encoder.eval()  # trusted: nn.Layer.eval() (inference mode), not Python eval
+        clip_text_model.eval()
+        t5_encoder.eval()
 
     @paddle.no_grad()
     def __call__(self, captions):

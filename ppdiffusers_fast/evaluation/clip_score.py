@@ -20,6 +20,7 @@ import numpy as np
 import paddle
 from PIL import Image
 
+from .. import compat
 from .image_folder import to_rgb_uint8
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -137,6 +138,7 @@ class ClipEmbedder:
     """
 
     def __init__(self, folder, dtype="float32"):
+        compat.apply()
         from ppdiffusers.transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
         folder = str(folder)
@@ -149,7 +151,7 @@ class ClipEmbedder:
         load_torch_layout_weights(self.model, _read_safetensors_folder(folder), f"CLIP weights in {folder}")
         if dtype != "float32":
             self.model.to(dtype=dtype)
-        self.model.eval()  # trusted: nn.Layer.eval() (inference mode), not Python eval
+        self.model.eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(folder)
         self.max_length = int(config.text_config.max_position_embeddings)
         self.preprocess = ClipImagePreprocessor.from_folder(folder)

@@ -17,9 +17,13 @@ from typing import List, Optional, Tuple
 import paddle
 import paddle.nn as nn
 from paddle.distributed.fleet.utils import recompute
-from ppdiffusers.configuration_utils import ConfigMixin, register_to_config
-from ppdiffusers.models.modeling_utils import ModelMixin
-from ppdiffusers.utils import BaseOutput
+
+from .. import compat
+
+compat.apply()  # before ppdiffusers is first imported
+from ppdiffusers.configuration_utils import ConfigMixin, register_to_config  # noqa: E402
+from ppdiffusers.models.modeling_utils import ModelMixin  # noqa: E402
+from ppdiffusers.utils import BaseOutput  # noqa: E402
 
 from .flux_embeddings import TimeTextEmbedding, rope_cos_sin
 from .flux_layers import AdaLayerNormContinuous, FluxSingleTransformerBlock, FluxTransformerBlock, count_parameters

@@ -24,6 +24,7 @@ from typing import Dict, List, Sequence, Union
 import numpy as np
 import paddle
 
+from .. import compat
 from ..models import safetensors_io
 from ..models.weights import WeightLoadError, check_keys_and_shapes, linear_weight_names
 
@@ -165,6 +166,7 @@ def _read_config(path: Path) -> dict:
 def load_text_encoders(folder: Union[str, Path], dtype: str = "float32"):
     """``(CLIPTextModel, T5EncoderModel)`` (``ppdiffusers.transformers``) from ``text_encoder/`` and
     ``text_encoder_2/``."""
+    compat.apply()
     from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     folder = Path(folder)
@@ -180,6 +182,7 @@ def load_text_encoders(folder: Union[str, Path], dtype: str = "float32"):
 
 def load_vae(folder: Union[str, Path], dtype: str = "float32"):
     """ppdiffusers ``AutoencoderKL`` from ``vae/`` (FLUX config: 16 latent channels, shift and scaling factors)."""
+    compat.apply()
     from ppdiffusers import AutoencoderKL
 
     sub = Path(folder) / "vae"
@@ -196,6 +199,7 @@ def load_vae(folder: Union[str, Path], dtype: str = "float32"):
 def load_tokenizers(folder: Union[str, Path]):
     """``(CLIPTokenizer, T5Tokenizer)`` from ``tokenizer/`` (vocab.json, merges.txt) and ``tokenizer_2/``
     (spiece.model)."""
+    compat.apply()
     from ppdiffusers.transformers import CLIPTokenizer, T5Tokenizer
 
     folder = Path(folder)

@@ -17,12 +17,16 @@ from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import paddle
-from ppdiffusers.configuration_utils import ConfigMixin, register_to_config
-from ppdiffusers.schedulers.scheduling_utils import SchedulerMixin
-from ppdiffusers.utils import BaseOutput
 
-from .. import schedules
-from .samplers import euler_update
+from .. import compat
+
+compat.apply()  # before ppdiffusers is first imported
+from ppdiffusers.configuration_utils import ConfigMixin, register_to_config  # noqa: E402
+from ppdiffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: E402
+from ppdiffusers.utils import BaseOutput  # noqa: E402
+
+from .. import schedules  # noqa: E402
+from .samplers import euler_update  # noqa: E402
 
 __all__ = ["FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteSchedulerOutput"]
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import paddle
 
-import ppdiffusers_fast  # noqa: F401  (compatibility patches)
 from ppdiffusers_fast.models.lora import LoraConfig, adapter_parameters, inject_lora
 from ppdiffusers_fast.models.lora_io import export_diffusers_lora, import_lora, save_lora
 from ppdiffusers_fast.models.weights import load_flux_transformer

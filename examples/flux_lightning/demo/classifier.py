@@ -92,7 +92,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, epochs: int, learni
             losses.append(loss.item())
         if log is not None and (epoch + 1) % 10 == 0:
             log(f"classifier epoch {epoch + 1}/{epochs}: cross-entropy {np.mean(losses):.4f}")
-    model.eval()  # trusted: nn.Layer.eval() (inference mode), not Python eval
+    model.eval()
     return model
 
 
@@ -129,5 +129,5 @@ def load_classifier(path, resolution: int) -> DigitClassifier:
     """Build a :class:`DigitClassifier` for ``resolution`` and load ``path`` (strict keys and shapes)."""
     model = DigitClassifier(resolution)
     load_paddle_safetensors(model, path)
-    model.eval()  # trusted: nn.Layer.eval() (inference mode), not Python eval
+    model.eval()
     return model

@@ -83,8 +83,8 @@ def build_text_encoders(clip_config: dict, t5_config_dict: dict):
 
     clip = CLIPTextModel(CLIPTextConfig.from_dict(clip_config))
     t5 = T5EncoderModel(T5Config.from_dict(t5_config_dict))
-    clip.eval()  # trusted: nn.Layer.eval() (inference mode), not Python eval
-    t5.eval()  # trusted: nn.Layer.eval() (inference mode), not Python eval
+    clip.eval()
+    t5.eval()
     return clip, t5
 
 

@@ -128,5 +128,5 @@ def train_transformer(model, latents: CachedLatents, prompts: PromptTable, steps
             log(f"transformer step {step + 1}/{steps}: flow-matching loss "
                 f"{np.mean([h['loss'] for h in history[-log_every:]]):.4f}")
     ema.copy_to(model)
-    model.eval()  # trusted: nn.Layer.eval() (inference mode), not Python eval
+    model.eval()
     return history

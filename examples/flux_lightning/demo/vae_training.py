@@ -60,7 +60,7 @@ def train_vae(vae, images: np.ndarray, steps: int, batch_size: int, learning_rat
             recent = history[-log_every:]
             log(f"vae step {step + 1}/{steps}: mse {np.mean([h['mse'] for h in recent]):.5f} "
                 f"kl {np.mean([h['kl'] for h in recent]):.4f}")
-    vae.eval()  # trusted: nn.Layer.eval() (inference mode), not Python eval
+    vae.eval()
     return history
 
 
