@@ -50,10 +50,16 @@ def encode_batch(batch, encode_image, encode_text):
             "indices": batch["indices"]}
 
 
-class _ShardWriter:
-    def __init__(self, output_dir, samples_per_shard, dtype):
+class ShardWriter:
+    """Collects encoded samples and writes them as ``<prefix>-NNNNN.safetensors`` shards (atomically).
+
+    ``shards`` lists the written files with their sample counts and latent shape, as the index stores them.
+    """
+
+    def __init__(self, output_dir, samples_per_shard, dtype, prefix="shard", shards=None):
         self.output_dir, self.samples_per_shard, self.dtype = output_dir, samples_per_shard, np.dtype(dtype)
-        self.shards, self.pending = [], []
+        self.prefix = prefix
+        self.shards, self.pending = list(shards or []), []
         self.text_shapes = None
 
     def add(self, encoded):
@@ -78,7 +84,7 @@ class _ShardWriter:
             return
         tensors = {key: np.stack([s[key] for s in self.pending]).astype(self.dtype) for key in TENSOR_KEYS}
         tensors["indices"] = np.array([s["indices"] for s in self.pending], dtype=np.int64)
-        name = f"shard-{len(self.shards):05d}.safetensors"
+        name = f"{self.prefix}-{len(self.shards):05d}.safetensors"
         path = os.path.join(self.output_dir, name)
         save_file(tensors, path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -122,18 +128,23 @@ def build_cache(batches, encode_image, encode_text, output_dir, samples_per_shar
     if np.dtype(dtype) not in (np.float32, np.float16):
         raise ValueError(f"dtype must be float32 or float16, got {dtype}")
     os.makedirs(output_dir, exist_ok=True)
-    writer = _ShardWriter(output_dir, samples_per_shard, dtype)
+    writer = ShardWriter(output_dir, samples_per_shard, dtype)
     for batch in batches:
         writer.add(encode_batch(batch, encode_image, encode_text))
     writer.flush()
     if not writer.shards:
         raise ValueError("no samples to cache: the data source gave no batch")
+    return write_cache_index(output_dir, writer.shards, writer.text_shapes, dtype, bad_record_summary, metadata)
+
+
+def write_cache_index(output_dir, shards, text_shapes, dtype, bad_record_summary=None, metadata=None):
+    """Write ``cache_index.json`` for ``shards`` (``ShardWriter.shards``; ``text_shapes``: its ``text_shapes``)."""
     index = {
         "format": CACHE_FORMAT, "version": CACHE_VERSION,
-        "num_samples": sum(shard["num_samples"] for shard in writer.shards),
+        "num_samples": sum(shard["num_samples"] for shard in shards),
         "dtype": np.dtype(dtype).name,
-        "prompt_embeds_shape": writer.text_shapes[0], "pooled_prompt_embeds_shape": writer.text_shapes[1],
-        "shards": writer.shards, "bad_records": bad_record_summary or {}, "metadata": metadata or {},
+        "prompt_embeds_shape": list(text_shapes[0]), "pooled_prompt_embeds_shape": list(text_shapes[1]),
+        "shards": list(shards), "bad_records": bad_record_summary or {}, "metadata": metadata or {},
     }
     path = os.path.join(output_dir, CACHE_INDEX)
     with open(path + ".tmp", "w", encoding="utf-8") as handle:
