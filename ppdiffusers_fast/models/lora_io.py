@@ -58,6 +58,7 @@ import paddle.nn as nn
 from safetensors import safe_open
 from safetensors.paddle import save_file
 
+from .finite import describe_non_finite, non_finite_names
 from .lora import LoraAdapter, adapter_modules, adapter_names, check_adapter_name, freeze_base, wrap_linear
 
 FORMAT = "ppdiffusers_fast"
@@ -103,11 +104,19 @@ def read_safetensors(path) -> Tuple[Dict[str, paddle.Tensor], Dict[str, str], Pa
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # safetensors raises its own error types for a bad header
         raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+    bad = non_finite_names(tensors)
+    if bad:
+        raise ValueError(f"LoRA file {path} holds NaN or infinite values in {describe_non_finite(bad)}; "
+                         f"it cannot be used")
     return tensors, metadata, path
 
 
 def _atomic_save(tensors: Dict[str, paddle.Tensor], metadata: Dict[str, str], path) -> None:
     path = Path(path)
+    bad = non_finite_names(tensors)
+    if bad:
+        raise ValueError(f"refusing to write {path}: the LoRA holds NaN or infinite values in "
+                         f"{describe_non_finite(bad)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:

@@ -23,6 +23,20 @@ class NonFiniteLossError(RuntimeError):
         self.name, self.value, self.step = name, value, step
 
 
+class NonFiniteWeightsError(RuntimeError):
+    """An update made trainable weights NaN or infinite; training stops and writes nothing more."""
+
+    def __init__(self, names: List[str], step: int, losses: Dict[str, float]):
+        from ..models.finite import describe_non_finite
+
+        shown = ", ".join(f"{name} {value:.6g}" for name, value in sorted(losses.items()))
+        super().__init__(f"the update at step {step} made {describe_non_finite(names)} NaN or infinite "
+                         f"(losses at that step: {shown}); training stopped and nothing was written for it, so the "
+                         f"newest checkpoint holds finite weights (resume from it with a lower --learning_rate or "
+                         f"--max_grad_norm)")
+        self.names, self.step, self.losses = names, step, losses
+
+
 def check_finite(losses: Dict[str, float], step: int) -> None:
     """Raise :class:`NonFiniteLossError` naming the first NaN/inf loss."""
     for name, value in losses.items():

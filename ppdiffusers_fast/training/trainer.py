@@ -11,6 +11,7 @@ It knows a method only through ``methods.base.DistillationMethod`` (parameter gr
     for group in groups: all-reduce grads, clip (stop if a norm is NaN/inf), then AdamW step
     every group's LR schedule steps (schedules are functions of the global update count)
     method.after_update(step, groups)                                 # EMA
+    stop if any trainable or EMA weight is NaN/inf                    # nothing written for this update
     log; validate every validation_steps; checkpoint every checkpointing_steps and at the end
 
 ``batches`` is any iterator of method-ready batches with ``state_dict()`` / ``set_state_dict()`` (its
@@ -27,9 +28,10 @@ import numpy as np
 import paddle
 
 from ..methods.base import DistillationMethod, StepResult
+from ..models.finite import describe_non_finite, non_finite_names
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .logging import NonFiniteLossError, TrainingLogger, check_finite
+from .logging import NonFiniteLossError, NonFiniteWeightsError, TrainingLogger, check_finite
 from .config import config_to_dict
 from .optim import (GroupOptimizer, OptimizerSettings, build_group_optimizer, clip_grad_norm,
                     load_optimizer_state, optimizer_state_arrays)
@@ -198,10 +200,16 @@ class Trainer:
         return final
 
     def _write_rank0_files(self, temp: Path, tensors: Dict[str, np.ndarray]) -> None:
+        optimizer_states = {group: optimizer_state_arrays(optimizer) for group, optimizer in self.optimizers.items()}
+        for file_name, arrays in [(ckpt.TRAINABLE_FILE, tensors)] + [
+                (ckpt.optimizer_file(group), arrays) for group, (arrays, _) in optimizer_states.items()]:
+            bad = non_finite_names(arrays)
+            if bad:
+                raise RuntimeError(f"refusing to write checkpoint-{self.step}: {file_name} would hold NaN or "
+                                   f"infinite values in {describe_non_finite(bad)}")
         ckpt.save_arrays(tensors, temp / ckpt.TRAINABLE_FILE)
         groups = {}
-        for group, optimizer in self.optimizers.items():
-            arrays, scalars = optimizer_state_arrays(optimizer)
+        for group, (arrays, scalars) in optimizer_states.items():
             ckpt.save_arrays(arrays, temp / ckpt.optimizer_file(group))
             groups[group] = scalars
         ckpt.write_json(config_to_dict(self.config), temp / "config.json")
@@ -239,6 +247,9 @@ class Trainer:
                 check_finite(losses, self.step)
                 scalars = self._update(groups)
                 self.method.after_update(self.step, groups)
+                bad = non_finite_names(self.method.checkpoint_tensors())
+                if bad:
+                    raise NonFiniteWeightsError(bad, self.step, losses)
                 self.step += 1
                 seconds = time.perf_counter() - started
                 scalars.update({f"loss/{n}": v for n, v in losses.items()})
@@ -250,7 +261,7 @@ class Trainer:
                     logger.log_images(self.step, "validation", self.validator(self.method))
                 if self.step % run.checkpointing_steps == 0 or self.step == self.max_train_steps:
                     written.append(str(self.save_checkpoint()))
-        except NonFiniteLossError as error:
+        except (NonFiniteLossError, NonFiniteWeightsError) as error:
             logger.message(str(error))
             raise
         finally:

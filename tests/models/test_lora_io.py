@@ -272,3 +272,23 @@ def test_not_a_lora_file(model, tmp_path):
         import_lora(model, tmp_path / "plain.safetensors", "x")
     with pytest.raises(ValueError, match="not a ppdiffusers_fast LoRA"):
         load_lora(model, tmp_path / "plain.safetensors", "x")
+
+
+def test_non_finite_adapters_are_never_written_nor_loaded(model, tmp_path):
+    inject_lora(model, LoraConfig(rank=2, alpha=2.0), "student")
+    save_lora(model, "student", tmp_path / "good.safetensors")
+    key = "transformer_blocks.0.attn.to_q.lora_B"
+    dict(adapter_modules(model, "student"))["transformer_blocks.0.attn.to_q"].lora_B.set_value(
+        paddle.full([2, 32], float("nan")))
+    for write in (lambda path: save_lora(model, "student", path),
+                  lambda path: export_diffusers_lora(model, "student", path)):
+        with pytest.raises(ValueError, match=f"refusing to write .*NaN or infinite values in 1 tensor \\(.*to_q"):
+            write(tmp_path / "bad.safetensors")
+        assert not (tmp_path / "bad.safetensors").exists()
+    tensors, metadata = read(tmp_path / "good.safetensors")
+    tensors[key] = np.full(tensors[key].shape, np.inf, "float32")
+    save_file(tensors, str(tmp_path / "inf.safetensors"), metadata=metadata)
+    for load in (load_lora, import_lora):
+        with pytest.raises(ValueError, match=f"inf.safetensors holds NaN or infinite values in 1 tensor \\({key}\\)"):
+            load(model, tmp_path / "inf.safetensors", "other")
+    assert adapter_names(model) == ["student"]

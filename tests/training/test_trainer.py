@@ -5,10 +5,10 @@ import math
 import numpy as np
 import paddle
 import pytest
-from training_toys import DictStream, TwoGroupToy, stack_dicts, toy_arrays
+from training_toys import DictStream, TwoGroupToy, latent_stream, stack_dicts, tiny_pcm, toy_arrays
 
 from ppdiffusers_fast.training import checkpoint as ckpt
-from ppdiffusers_fast.training.logging import NonFiniteLossError
+from ppdiffusers_fast.training.logging import NonFiniteLossError, NonFiniteWeightsError
 from ppdiffusers_fast.training.config import OptimConfig, train_config
 from ppdiffusers_fast.training.optim import OptimizerSettings, clip_grad_norm, lr_multiplier
 from ppdiffusers_fast.training.trainer import Trainer
@@ -122,3 +122,32 @@ def test_nan_loss_stops_with_its_name_and_writes_no_checkpoint(tmp_path):
     saved = ckpt.load_trainable(tmp_path / "checkpoint-2")
     for name, param in method.checkpoint_tensors().items():  # the NaN step updated nothing
         np.testing.assert_array_equal(saved[name], param.numpy())
+
+
+def test_non_finite_weights_stop_training_and_are_never_saved(tmp_path):
+    """A finite loss with an update that overflows (lr 1e39): stop at that step with its loss, write nothing."""
+    method = tiny_pcm()
+    trainer = Trainer(method, latent_stream(), train_config(
+        output_dir=str(tmp_path), max_train_steps=3, checkpointing_steps=1, learning_rate=1e39,
+        report_to="none", resume_from_checkpoint=None))
+    with pytest.raises(NonFiniteWeightsError, match=r"the update at step 0 made \d+ tensors .*NaN or infinite "
+                                                    r"\(losses at that step: pcm [0-9.e-]+\)"):
+        trainer.train()
+    assert ckpt.list_checkpoints(tmp_path) == []
+    assert not list(tmp_path.glob("checkpoint-*")) and not list(tmp_path.glob(ckpt.TEMP_PREFIX + "*"))
+
+
+def test_checkpoint_write_refuses_non_finite_tensors(tmp_path):
+    method = tiny_pcm()
+    trainer = Trainer(method, latent_stream(), train_config(
+        output_dir=str(tmp_path), max_train_steps=1, learning_rate=1e-3, report_to="none",
+        resume_from_checkpoint=None))
+    trainer.train()
+    name, param = next(iter(method.checkpoint_tensors().items()))
+    param.set_value(paddle.full(param.shape, float("nan"), param.dtype))
+    trainer.step = 2
+    with pytest.raises(RuntimeError, match=f"refusing to write checkpoint-2: trainable.safetensors would hold NaN "
+                                           f"or infinite values in 1 tensor \\({name}\\)"):
+        trainer.save_checkpoint()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-1"]
+    assert not list(tmp_path.glob(ckpt.TEMP_PREFIX + "*"))
