@@ -16,6 +16,9 @@ name only when complete (``os.replace`` of a directory on the same file system),
 while writing leaves the previous checkpoints untouched; stale temporary folders are ignored when
 looking for the latest checkpoint and removed by the next save. Only the newest ``total_limit``
 checkpoints are kept.
+
+Resuming reads and checks every file first (:func:`read_checkpoint`); ``latest`` falls back to the newest intact
+checkpoint and says which newer ones it skipped and why (:func:`find_resume_checkpoint`).
 """
 import hashlib
 import json
@@ -23,10 +26,12 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..models.finite import describe_non_finite, non_finite_names
 from ..models.safetensors_io import load_file, save_file
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -84,20 +89,122 @@ def list_checkpoints(output_dir) -> List[Path]:
     return [path for _, path in sorted(found)]
 
 
-def resolve_resume_path(resume_from: Optional[str], output_dir) -> Optional[Path]:
-    """``None``/"" -> None; ``"latest"`` -> newest checkpoint or None; a path -> that checkpoint (checked)."""
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or inconsistent; the message names the file and the problem."""
+
+    def __init__(self, file: Path, problem: str):
+        super().__init__(f"checkpoint file {file}: {problem}")
+        self.file, self.problem = Path(file), problem
+
+
+@dataclass
+class CheckpointContents:
+    """Everything a resume needs, read and checked before any of it is applied."""
+
+    path: Path
+    state: dict  # training_state.json
+    trainable: Dict[str, np.ndarray]  # trainable.safetensors
+    optimizers: Dict[str, Dict[str, np.ndarray]]  # group -> optimizer-<group>.safetensors
+    ranks: Dict[int, dict]  # rank -> rank-<r>.json
+
+
+def _read_json_file(file: Path, required: Sequence[str]) -> dict:
+    if not file.is_file():
+        raise CorruptCheckpointError(file, "missing")
+    try:
+        payload = read_json(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptCheckpointError(file, f"unreadable JSON ({error})") from None
+    if not isinstance(payload, dict):
+        raise CorruptCheckpointError(file, f"holds a JSON {type(payload).__name__}, not an object")
+    missing = [key for key in required if key not in payload]
+    if missing:
+        raise CorruptCheckpointError(file, f"lacks {', '.join(missing)}")
+    return payload
+
+
+def _read_arrays_file(file: Path) -> Dict[str, np.ndarray]:
+    if not file.is_file():
+        raise CorruptCheckpointError(file, "missing")
+    try:
+        arrays = load_file(file)
+    except Exception as error:  # a truncated or damaged file: the reader names what is wrong
+        raise CorruptCheckpointError(file, f"unreadable safetensors ({error})") from None
+    bad = non_finite_names(arrays)
+    if bad:
+        raise CorruptCheckpointError(file, f"NaN or infinite values in {describe_non_finite(bad)}")
+    return arrays
+
+
+def read_checkpoint(path) -> CheckpointContents:
+    """Read and check every file of the checkpoint folder ``path`` (nothing is applied here).
+
+    Checks: each JSON file parses to an object with its keys, the format version, a rank file for every rank
+    of the run that wrote it, every safetensors file reads completely and is finite, and the trainable tensors
+    match the SHA-256 each rank recorded. Raises :class:`CorruptCheckpointError` naming the first bad file.
+    """
+    path = Path(path)
+    state_file = path / STATE_FILE
+    state = _read_json_file(state_file, ("format", "step", "world_size", "groups"))
+    if state["format"] != FORMAT_VERSION:
+        raise CorruptCheckpointError(state_file, f"format {state['format']}, expected {FORMAT_VERSION}")
+    if not isinstance(state["groups"], dict) or not isinstance(state["world_size"], int) or state["world_size"] < 1:
+        raise CorruptCheckpointError(state_file, "malformed 'groups' or 'world_size'")
+    if (path / "config.json").exists():
+        _read_json_file(path / "config.json", ())
+    ranks = {rank: _read_json_file(path / rank_file(rank), ("rng", "data")) for rank in range(state["world_size"])}
+    trainable = _read_arrays_file(path / TRAINABLE_FILE)
+    digest = None
+    for rank, rank_state in ranks.items():
+        recorded = rank_state.get("trainable_sha256")
+        if recorded is not None:
+            digest = digest or arrays_digest(trainable)
+            if recorded != digest:
+                raise CorruptCheckpointError(path / TRAINABLE_FILE, f"its tensors do not match the SHA-256 recorded "
+                                                                    f"in {rank_file(rank)}")
+    optimizers = {group: _read_arrays_file(path / optimizer_file(group)) for group in state["groups"]}
+    return CheckpointContents(path, state, trainable, optimizers, ranks)
+
+
+def _all_checkpoint_folders(output_dir) -> List[Path]:
+    """Every ``checkpoint-<step>`` folder in ``output_dir``, newest first, complete or not."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), child) for child in root.iterdir()
+             if (m := CHECKPOINT_PATTERN.match(child.name)) and child.is_dir()]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def find_resume_checkpoint(resume_from: Optional[str], output_dir) -> Tuple[Optional[CheckpointContents], List[str]]:
+    """``(contents or None, notes)`` for ``--resume_from_checkpoint``, every file read and checked.
+
+    ``None``/"" -> no resume. ``"latest"`` -> the newest intact checkpoint in ``output_dir`` (None when there is
+    none); ``notes`` says which newer ones were skipped and why. A path (or a folder name in ``output_dir``)
+    -> that checkpoint, or :class:`CorruptCheckpointError` naming its bad file.
+    """
     if not resume_from:
-        return None
+        return None, []
     if resume_from == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        notes = []
+        for path in _all_checkpoint_folders(output_dir):
+            try:
+                return read_checkpoint(path), notes
+            except CorruptCheckpointError as error:
+                notes.append(f"skipped {path.name}: {error}")
+        return None, notes
     path = Path(resume_from)
     if not path.is_absolute() and not path.exists():
         path = Path(output_dir) / resume_from
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {resume_from}: {path} is not a checkpoint folder "
-                                f"(no {STATE_FILE})")
-    return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume_from}: {path} is not a checkpoint folder")
+    return read_checkpoint(path), []
+
+
+def resolve_resume_path(resume_from: Optional[str], output_dir) -> Optional[Path]:
+    """The folder :func:`find_resume_checkpoint` resumes from (None for a fresh start)."""
+    contents, _ = find_resume_checkpoint(resume_from, output_dir)
+    return None if contents is None else contents.path
 
 
 class CheckpointWriter:

@@ -88,6 +88,7 @@ class Trainer:
         self.optimizers: Dict[str, GroupOptimizer] = {}
         self.writer = ckpt.CheckpointWriter(config.run.output_dir, config.run.checkpoints_total_limit)
         self.step = 0
+        self.resume_notes: List[str] = []  # checkpoints skipped by --resume_from_checkpoint latest, and why
 
     # ------------------------------------------------------------------ set-up
     def _build_optimizers(self) -> None:
@@ -106,20 +107,22 @@ class Trainer:
             self.optimizers[group] = build_group_optimizer(group, params, base.updated(**overrides.get(group, {})))
 
     def _resume(self) -> Optional[Path]:
-        path = ckpt.resolve_resume_path(self.config.run.resume_from_checkpoint, self.config.run.output_dir)
-        if path is None:
+        """Apply the checkpoint of ``--resume_from_checkpoint`` (every file read and checked before any is used)."""
+        contents, self.resume_notes = ckpt.find_resume_checkpoint(self.config.run.resume_from_checkpoint,
+                                                                  self.config.run.output_dir)
+        if contents is None:
             return None
-        state = ckpt.load_training_state(path)
+        path, state = contents.path, contents.state
         if state["world_size"] != self.world_size:
             raise ValueError(f"checkpoint {path} was written by {state['world_size']} processes, this run has "
                              f"{self.world_size}; resume with the same number of processes")
         if sorted(state["groups"]) != sorted(self.optimizers):
             raise KeyError(f"checkpoint {path} has parameter groups {sorted(state['groups'])}, the method has "
                            f"{sorted(self.optimizers)}")
-        self.method.load_checkpoint_tensors(ckpt.load_trainable(path))
+        self.method.load_checkpoint_tensors(contents.trainable)
         for group, optimizer in self.optimizers.items():
-            load_optimizer_state(optimizer, ckpt.load_optimizer_arrays(path, group), state["groups"][group])
-        rank_state = ckpt.load_rank_state(path, self.rank)
+            load_optimizer_state(optimizer, contents.optimizers[group], state["groups"][group])
+        rank_state = contents.ranks[self.rank]
         restore_rng_state(rank_state["rng"])
         self.batches.set_state_dict(rank_state["data"])
         self.step = int(state["step"])
@@ -232,6 +235,9 @@ class Trainer:
                                 run.tracker_project_name)
         if self.precision.note:
             logger.message(self.precision.note)
+        for note in self.resume_notes:
+            logger.message(note)
+        self.resume_notes = []
         if resumed is not None:
             logger.message(f"resumed from {resumed} at step {self.step}")
         samples_per_update = self.config.data.train_batch_size * optim.gradient_accumulation_steps * self.world_size

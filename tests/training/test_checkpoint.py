@@ -136,5 +136,78 @@ def test_resume_refuses_a_different_world_size(tmp_path):
     state = json.loads(state_file.read_text())
     state["world_size"] = 2
     state_file.write_text(json.dumps(state))
+    rank_0 = tmp_path / "checkpoint-1" / ckpt.rank_file(0)
+    (tmp_path / "checkpoint-1" / ckpt.rank_file(1)).write_text(rank_0.read_text())  # as a 2-process run leaves it
     with pytest.raises(ValueError, match="written by 2 processes"):
         _trainer(tmp_path, 2, resume_from_checkpoint="latest").train()
+
+
+def _truncate(file: Path, keep: float = 0.5) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damaged", [ckpt.STATE_FILE, ckpt.rank_file(0), ckpt.TRAINABLE_FILE,
+                                     ckpt.optimizer_file("generator"), "config.json"])
+def test_latest_skips_a_damaged_newest_checkpoint_and_says_why(tmp_path, damaged):
+    _trainer(tmp_path, 2).train()  # checkpoint-1 and checkpoint-2
+    _truncate(tmp_path / "checkpoint-2" / damaged)
+    contents, notes = ckpt.find_resume_checkpoint("latest", tmp_path)
+    assert contents.path == tmp_path / "checkpoint-1"
+    assert len(notes) == 1 and notes[0].startswith(f"skipped checkpoint-2: checkpoint file "
+                                                   f"{tmp_path / 'checkpoint-2' / damaged}: unreadable"), notes
+    # the named damaged checkpoint is an error naming the file, before anything is loaded
+    with pytest.raises(ckpt.CorruptCheckpointError, match=f"checkpoint file .*checkpoint-2/{damaged}: unreadable"):
+        ckpt.find_resume_checkpoint(str(tmp_path / "checkpoint-2"), tmp_path)
+    resumed = _trainer(tmp_path, 3, resume_from_checkpoint="latest")
+    result = resumed.train()
+    assert result.resumed_from == str(tmp_path / "checkpoint-1") and result.step == 3  # checkpoint-2 rewritten
+    assert ckpt.resolve_resume_path("latest", tmp_path) == tmp_path / "checkpoint-3"
+
+
+def test_named_checkpoint_with_bad_content_names_the_file(tmp_path):
+    _trainer(tmp_path, 1).train()
+    folder = tmp_path / "checkpoint-1"
+    trainable = ckpt.load_trainable(folder)
+    name = sorted(trainable)[0]
+    trainable[name] = np.full_like(trainable[name], np.nan)
+    ckpt.save_arrays(trainable, folder / ckpt.TRAINABLE_FILE)
+    with pytest.raises(ckpt.CorruptCheckpointError, match=f"trainable.safetensors: NaN or infinite values in "
+                                                          f"1 tensor \\({name}\\)"):
+        _trainer(tmp_path, 2, resume_from_checkpoint=str(folder)).train()
+    (folder / ckpt.rank_file(0)).write_text("[1, 2]")
+    with pytest.raises(ckpt.CorruptCheckpointError, match="rank-0.json: holds a JSON list, not an object"):
+        ckpt.read_checkpoint(folder)
+    (folder / ckpt.rank_file(0)).unlink()
+    contents, notes = ckpt.find_resume_checkpoint("latest", tmp_path)
+    assert contents is None and notes == [f"skipped checkpoint-1: checkpoint file {folder / 'rank-0.json'}: missing"]
+
+
+@pytest.mark.slow
+def test_runs_killed_at_random_points_end_with_the_uninterrupted_lora(tmp_path):
+    """SIGKILL at random events (file writes, torn writes, renames, updates), restart with ``latest`` each time:
+    the final student LoRA equals that of a run that was never interrupted."""
+    import random
+
+    from safetensors.numpy import load_file as load_lora_file
+
+    worker = [sys.executable, str(HERE / "fault_worker.py")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    straight = subprocess.run(worker + [str(tmp_path / "straight")], env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    total_events = int(straight.stdout.split("events ")[-1])
+    rng = random.Random(15)
+    out, kills = tmp_path / "killed", 0
+    for kill_at in sorted(rng.sample(range(1, total_events // 2), 4)) + [0]:
+        proc = subprocess.run(worker + [str(out), str(kill_at)], env=env, capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        kills += 1
+    assert proc.returncode == 0 and kills >= 2, (kills, proc.stderr[-2000:])
+    expected = load_lora_file(str(tmp_path / "straight" / "pcm_lora.safetensors"))
+    final = load_lora_file(str(out / "pcm_lora.safetensors"))
+    assert sorted(final) == sorted(expected)
+    for name in expected:
+        np.testing.assert_array_equal(final[name], expected[name], err_msg=name)
