@@ -19,8 +19,11 @@ def build_parser():
                                                  "CLIP score, optional FID vs real images.")
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", default=None, help="local FLUX.1 folder (diffusers layout)")
-    model.add_argument("--path_to_lora", default=None, help="student LoRA file (safetensors)")
-    model.add_argument("--lora_scale", type=float, default=None, help="LoRA scale (default: from the file)")
+    model.add_argument("--path_to_lora", nargs="+", default=None, metavar="LORA",
+                       help="student LoRA file(s) (safetensors; ours, diffusers/PEFT, kohya or ComfyUI), all live "
+                            "together, e.g. the few-step student and a style LoRA")
+    model.add_argument("--lora_scale", type=float, nargs="+", default=None, metavar="SCALE",
+                       help="LoRA scales: one for all files or one per file (default: each file's metadata, else 1)")
     model.add_argument("--dtype", default="float32", help="pipeline dtype (bfloat16 on GPU)")
     model.add_argument("--generate_fn", default=None,
                        help="instead of FLUX: file.py:make or module:make, make(role, num_inference_steps, height, "
@@ -70,8 +73,16 @@ def validate_args(args):
         raise ValueError("give exactly one of --pretrained_model_name_or_path and --generate_fn")
     if args.pretrained_model_name_or_path and not os.path.exists(args.pretrained_model_name_or_path):
         raise FileNotFoundError(f"--pretrained_model_name_or_path: not found: {args.pretrained_model_name_or_path}")
+    if args.lora_scale and not args.path_to_lora:
+        raise ValueError("--lora_scale needs --path_to_lora")
     if args.path_to_lora:
-        _require_file(args.path_to_lora, "--path_to_lora", (".safetensors",))
+        from ..models.lora_io import combine_sampling, sampling_settings
+        from ..pipelines.pipeline_flux import pair_lora_scales
+
+        for path in args.path_to_lora:
+            _require_file(path, "--path_to_lora", (".safetensors",))
+        pair_lora_scales(args.path_to_lora, args.lora_scale)
+        combine_sampling([sampling_settings(path) for path in args.path_to_lora])
     if args.captions_file:
         _require_file(args.captions_file, "--captions_file", (".json", ".tsv", ".txt"))
     elif not os.path.isfile(os.path.join(args.output_dir, "prompts.json")):
@@ -121,9 +132,10 @@ def build_generators(args, cache):
                                             full_hash_limit=None if args.full_model_hash else 64 * 1024 * 1024,
                                             cache=cache)
         model_identity["path"] = os.path.abspath(args.pretrained_model_name_or_path)
+    loras = args.path_to_lora or []
     identities = {"model": model_identity, "dtype": args.dtype,
-                  "lora": sha256_file(args.path_to_lora, cache) if args.path_to_lora else None,
-                  "lora_file": os.path.basename(args.path_to_lora) if args.path_to_lora else None,
+                  "lora": [sha256_file(path, cache) for path in loras] or None,
+                  "lora_file": [os.path.basename(path) for path in loras] or None,
                   "lora_scale": args.lora_scale}
     return teacher, student, identities
 

@@ -1,8 +1,8 @@
 """Teacher and student ``generate_fn``s over one lazily loaded ``FluxPipeline``.
 
 The teacher is the base model (no LoRA) with ``teacher_steps``; the student is the same pipeline after
-``load_lora(path_to_lora, scale=lora_scale)`` with ``student_steps`` (without a LoRA, the base model at
-``student_steps``). The pipeline is loaded on the first image that actually has to be generated, so a
+``load_loras(path_to_lora, lora_scale)`` (one or several files, e.g. the few-step student and a style LoRA, all
+live) with ``student_steps`` (without a LoRA, the base model at ``student_steps``). The pipeline is loaded on the first image that actually has to be generated, so a
 finished cache never loads FLUX. The teacher must run before the LoRA is loaded (the benchmark's order).
 """
 from .generate import pipeline_generate_fn
@@ -36,7 +36,9 @@ class FluxTeacherStudent:
     def student(self, prompts, seeds):
         pipe = self.pipeline()
         if self.path_to_lora and not self._lora_loaded:
-            pipe.load_lora(self.path_to_lora, scale=self.lora_scale)
+            paths = [self.path_to_lora] if isinstance(self.path_to_lora, (str, bytes)) else self.path_to_lora
+            scales = [self.lora_scale] if isinstance(self.lora_scale, (int, float)) else self.lora_scale
+            pipe.load_loras(paths, scales)
             self._lora_loaded = True
         generate = pipeline_generate_fn(pipe, self.height, self.width, self.student_steps, self.guidance_scale)
         return generate(prompts, seeds)

@@ -17,13 +17,23 @@ FLUX_DEFAULTS = {"height": 1024, "width": 1024, "max_sequence_length": 512, "tru
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon, highly detailed"
 
 
+class NonEmptyPaths(argparse.Action):
+    """``nargs="+"`` paths with empty strings dropped: ``--path_to_lora ""`` gives ``[]`` (explicitly no LoRA)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [value for value in values if value])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Text-to-image with FLUX and a few-step (FLUX-Lightning) LoRA.")
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="local FLUX.1-dev-layout folder (model_index.json, transformer/, vae/, text encoders, ...)")
-    p.add_argument("--path_to_lora", default=None, help="LoRA safetensors (ours, diffusers/PEFT or kohya)")
-    p.add_argument("--lora_scale", type=float, default=None,
-                   help="LoRA multiplier (default: the LoRA's metadata, else 1)")
+    p.add_argument("--path_to_lora", nargs="+", action=NonEmptyPaths, default=None, metavar="LORA",
+                   help="LoRA safetensors files (ours, diffusers/PEFT, kohya or ComfyUI), all live together: e.g. the "
+                        "few-step student and style LoRAs; sampling settings come from the one that carries them")
+    p.add_argument("--lora_scale", type=float, nargs="+", default=None, metavar="SCALE",
+                   help="LoRA multipliers: one for all files or one per file, in file order (default: each file's "
+                        "metadata, else 1)")
     p.add_argument("--prompt", default=None, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--prompt_file", default=None, help="text file with one prompt per line (blank lines skipped)")
     p.add_argument("--negative_prompt", default=None, help="negative prompt (used when --true_cfg_scale > 1)")
@@ -122,8 +132,10 @@ def build_pipeline(args):
                      "a Paddle build with oneDNN and float32 weights (--dtype float32)")
     pipe = FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype)
     if args.path_to_lora:
-        sampling = pipe.load_lora(args.path_to_lora, scale=args.lora_scale)
-        print(f"LoRA {args.path_to_lora}: scale {pipe.lora_scale:g}, sampling metadata {sampling or 'none'}")
+        pipe.load_loras(args.path_to_lora, args.lora_scale)
+        for lora in pipe.loras.values():
+            print(f"LoRA {lora.path} ({lora.style}): adapter '{lora.name}', scale {lora.scale:g}, "
+                  f"sampling metadata {lora.sampling or 'none'}")
     runner = None
     if args.inference_optimize or args.use_cinn:
         pipe.fuse_lora()  # compiled graphs hold the merged student weights
@@ -167,6 +179,22 @@ def run_benchmark(pipe, args, prompts: List[str]) -> dict:
     return {"output": output, **stats}
 
 
+def check_loras(args) -> None:
+    """Before any model loads: every LoRA file exists, the scales pair up, at most one set of sampling settings."""
+    from ..models.lora_io import combine_sampling, sampling_settings
+    from ..pipelines.pipeline_flux import pair_lora_scales
+
+    if args.lora_scale and not args.path_to_lora:
+        sys.exit("error: --lora_scale needs --path_to_lora")
+    if not args.path_to_lora:
+        return
+    try:
+        pair_lora_scales(args.path_to_lora, args.lora_scale)
+        combine_sampling([sampling_settings(path) for path in args.path_to_lora])
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+
+
 def main(argv: Optional[List[str]] = None, fill_defaults: Optional[Callable] = None) -> List[Path]:
     """Parse ``argv``, let ``fill_defaults(args)`` fill unset flags (e.g. an example's bundled model), generate.
 
@@ -176,6 +204,7 @@ def main(argv: Optional[List[str]] = None, fill_defaults: Optional[Callable] = N
     if fill_defaults is not None:
         fill_defaults(args)
     check_model_given(args)
+    check_loras(args)
     apply_flux_defaults(args)
     for name in ("height", "width"):
         if getattr(args, name) <= 0 or getattr(args, name) % 16:

@@ -368,10 +368,29 @@ def merge_adapter(model: nn.Layer, adapter_name: str, scale: float = 1.0) -> Non
 
     While merged, the adapter is part of the base: the forward skips it even when live.
     """
-    for layer in _layers_merged(model, adapter_name, merged=False):
-        adapter = layer.lora_adapters[adapter_name]
-        _add_to_weight(layer, adapter.delta_weight(scale))
-        adapter.merged_scale = float(scale)
+    merge_adapters(model, {adapter_name: scale})
+
+
+@paddle.no_grad()
+def merge_adapters(model: nn.Layer, scales: Dict[str, float]) -> None:
+    """Fold several adapters at once: ``W <- W + sum_a scale_a * (alpha_a / rank_a) * A_a B_a`` per layer.
+
+    The deltas ``[in, out]`` are summed in float32 and added to each weight once (one rounding for bfloat16
+    weights), so the merged model equals the adapters live together at the same scales. Raises, before changing
+    any weight, when an adapter is unknown or already merged.
+    """
+    for adapter_name in scales:
+        _layers_merged(model, adapter_name, merged=False)
+    for _, layer in lora_layers(model):
+        held = [name for name in scales if name in layer.lora_adapters]
+        if not held:
+            continue
+        delta = layer.lora_adapters[held[0]].delta_weight(scales[held[0]])
+        for name in held[1:]:
+            delta = delta + layer.lora_adapters[name].delta_weight(scales[name])
+        _add_to_weight(layer, delta)
+        for name in held:
+            layer.lora_adapters[name].merged_scale = float(scales[name])
 
 
 @paddle.no_grad()
@@ -423,6 +442,6 @@ __all__ = [
     "resolve_target_modules", "LoraConfig", "LoraAdapter", "LoraLinear", "matches_target", "inject_lora",
     "inject_trainable_lora",
     "use_adapters", "set_live_adapters", "live_adapters", "adapter_names", "adapter_parameters", "adapter_modules",
-    "set_adapter_scale", "merge_adapter", "unmerge_adapter", "record_live_adapters", "wrap_linear", "freeze_base",
-    "lora_layers", "forget_lora_layers", "layers_with_adapter",
+    "set_adapter_scale", "merge_adapter", "merge_adapters", "unmerge_adapter", "record_live_adapters", "wrap_linear",
+    "freeze_base", "lora_layers", "forget_lora_layers", "layers_with_adapter",
 ]

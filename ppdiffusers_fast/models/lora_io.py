@@ -40,6 +40,18 @@ Import (:func:`import_lora`) detects the style from the keys:
 
   A fused projection's ``lora_up`` rows are split across its targets (sizes read from the model) and every target
   gets the same ``lora_down``: ``up @ down`` restricted to each target's rows is exactly the fused update.
+- kohya-named files with diffusers module names (OneTrainer, sd-scripts on the diffusers model):
+  ``lora_transformer_<name>`` or ``lora_unet_<name>``, where ``<name>`` is a diffusers module name with "." written
+  as "_" (``lora_transformer_transformer_blocks_0_attn_to_q``); resolved against the model's own Linear names.
+- ComfyUI (its LoRA save node, and the names its loader reads for FLUX): ``diffusion_model.<BFL module>`` with
+  ``.lora_up.weight`` / ``.lora_down.weight`` (or ``.lora_B.weight`` / ``.lora_A.weight``) and optional ``.alpha``,
+  e.g. ``diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight``: the BFL table above with "." for "_".
+  ComfyUI's full differences ``.diff`` / ``.diff_b`` (norm weights, biases) are not low-rank updates: all-zero
+  ones add nothing and are skipped, any other value is an error naming the key.
+
+Sampling settings: only our files carry them (``sampling`` metadata). :func:`read_lora_file` reads a file once
+(tensors, metadata, style, sampling), :func:`install_lora_file` puts it into a model; :func:`import_lora` does
+both. :func:`combine_sampling` picks the settings of several files (at most one set of settings may be given).
 
 Every key must be used: unknown keys, wrong shapes, rank mismatches between A and B, and partial pairs raise a
 ``ValueError`` naming the keys, before the model is touched.
@@ -238,9 +250,18 @@ def load_lora(model: nn.Layer, path, adapter_name: str) -> dict:
     tensors, metadata, path = read_safetensors(path)
     if metadata.get("lora_format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} LoRA file (metadata 'lora_format' is "
-                         f"{metadata.get('lora_format')!r}); use import_lora for diffusers / PEFT / kohya files")
+                         f"{metadata.get('lora_format')!r}); use import_lora for diffusers / PEFT / kohya / "
+                         f"ComfyUI files")
+    info = _our_metadata(metadata, path)
+    updates, problems = _our_updates(tensors, info)
+    _raise_if(problems + check_updates(model, updates), path, "bad LoRA file")
+    install_updates(model, adapter_name, updates, path, dropout=info["dropout"])
+    return info
+
+
+def _our_metadata(metadata: Dict[str, str], path) -> dict:
     try:
-        info = {
+        return {
             "rank": int(metadata["rank"]), "alpha": float(metadata["alpha"]), "dropout": float(metadata["dropout"]),
             "target_modules": json.loads(metadata["target_modules"]),
             "rank_pattern": json.loads(metadata["rank_pattern"]),
@@ -248,6 +269,9 @@ def load_lora(model: nn.Layer, path, adapter_name: str) -> dict:
         }
     except (KeyError, ValueError) as error:
         raise ValueError(f"{path}: missing or malformed metadata entry {error}") from error
+
+
+def _our_updates(tensors: Dict[str, paddle.Tensor], info: dict):
     problems, pairs = [], {}
     for key in tensors:
         module, _, part = key.rpartition(".")
@@ -273,9 +297,7 @@ def load_lora(model: nn.Layer, path, adapter_name: str) -> dict:
         extra = sorted(set(pairs) - set(info["target_modules"]))
         problems.append(f"target_modules metadata does not match the weights: no weights for {missing}, "
                         f"weights not listed {extra}")
-    _raise_if(problems + check_updates(model, updates), path, "bad LoRA file")
-    install_updates(model, adapter_name, updates, path, dropout=info["dropout"])
-    return info
+    return updates, problems
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,20 +429,75 @@ def kohya_targets(name: str) -> Optional[List[str]]:
     return [_KOHYA_TOP[name]] if name in _KOHYA_TOP else None
 
 
-def _kohya_updates(tensors: Dict[str, paddle.Tensor], model: nn.Layer):
-    layers = dict(model.named_sublayers())
-    problems, groups = [], {}
+# A key of a low-rank file written with kohya / ComfyUI names: prefix, module name, part.
+_KOHYA_KEY = re.compile(r"(lora_unet_|lora_transformer_)(\w+)\.(lora_down\.weight|lora_up\.weight|alpha|diff|diff_b)")
+_COMFYUI_KEY = re.compile(r"diffusion_model\.([\w.]+?)\.(lora_down\.weight|lora_up\.weight|lora_A\.weight"
+                          r"|lora_B\.weight|alpha|diff|diff_b)")
+_DOWN_UP = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+_FULL_DIFFERENCES = ("diff", "diff_b")
+
+
+def _underscore_linear_names(model: nn.Layer) -> Dict[str, Optional[str]]:
+    """``{dotted name with "." -> "_": dotted name}`` of the model's Linears (None where two names collide)."""
+    names: Dict[str, Optional[str]] = {}
+    for name, layer in model.named_sublayers():
+        if isinstance(layer, nn.Linear):
+            flat = name.replace(".", "_")
+            names[flat] = None if flat in names else name
+    return names
+
+
+def _low_rank_groups(tensors: Dict[str, paddle.Tensor], model: nn.Layer, style: str):
+    """``({key stem: {part: key}}, {key stem: target modules}, problems)`` of a kohya or ComfyUI file.
+
+    Parts are ``lora_down.weight``, ``lora_up.weight``, ``alpha``. Targets are BFL names (``kohya_targets``) or,
+    for kohya keys, the model's diffusers name spelt with "_". All-zero ComfyUI ``.diff`` / ``.diff_b`` tensors are
+    skipped (they change nothing); other full differences are problems.
+    """
+    underscore_names = _underscore_linear_names(model) if style == "kohya" else {}
+    problems, groups, targets = [], {}, {}
     for key in tensors:
-        match = re.fullmatch(r"lora_unet_(\w+)\.(lora_down\.weight|lora_up\.weight|alpha)", key)
-        if match is None or kohya_targets(match.group(1)) is None:
-            problems.append(f"{key}: unknown key (not a kohya FLUX transformer LoRA key with BFL names)")
+        if style == "comfyui":
+            match = _COMFYUI_KEY.fullmatch(key)
+            stem, part = (f"diffusion_model.{match.group(1)}", match.group(2)) if match else (None, None)
+            found = kohya_targets(match.group(1).replace(".", "_")) if match else None
+            expected = "'diffusion_model.<BFL FLUX module>.lora_up.weight' / '.lora_down.weight' / '.alpha'"
+        else:
+            match = _KOHYA_KEY.fullmatch(key)
+            stem, part = (match.group(1) + match.group(2), match.group(3)) if match else (None, None)
+            found = None
+            if match and match.group(1) == "lora_unet_":
+                found = kohya_targets(match.group(2))
+            if match and found is None and underscore_names.get(match.group(2)):
+                found = [underscore_names[match.group(2)]]
+            expected = ("'lora_unet_<BFL FLUX module>' or 'lora_transformer_<diffusers module with _>' "
+                        "+ '.lora_down.weight' / '.lora_up.weight' / '.alpha'")
+        if match is None or found is None:
+            problems.append(f"{key}: unknown key, no module of the model has this name (expected {expected})")
             continue
-        groups.setdefault(match.group(1), {})[match.group(2)] = key
+        part = _DOWN_UP.get(part, part)
+        if part in _FULL_DIFFERENCES:
+            if bool((tensors[key] != 0).any()):
+                problems.append(f"{key}: a full weight difference ('.{part}'), not a low-rank update; "
+                                f"only LoRA weights are supported")
+            continue
+        if part in groups.get(stem, {}):
+            problems.append(f"{key}: '{stem}' has two '{part}' entries ({groups[stem][part]})")
+            continue
+        groups.setdefault(stem, {})[part] = key
+        targets[stem] = found
+    return groups, targets, problems
+
+
+def _kohya_updates(tensors: Dict[str, paddle.Tensor], model: nn.Layer, style: str = "kohya"):
+    """Updates of a kohya (BFL or diffusers names) or ComfyUI file; fused BFL projections split by rows."""
+    layers = dict(model.named_sublayers())
+    groups, module_targets, problems = _low_rank_groups(tensors, model, style)
     updates = []
-    for name, parts in groups.items():
+    for stem, parts in groups.items():
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             missing = [p for p in ("lora_down.weight", "lora_up.weight") if p not in parts]
-            problems.append(f"{', '.join(parts.values())}: partial LoRA, missing {missing} for 'lora_unet_{name}'")
+            problems.append(f"{', '.join(parts.values())}: partial LoRA, missing {missing} for '{stem}'")
             continue
         down, up = tensors[parts["lora_down.weight"]], tensors[parts["lora_up.weight"]]  # [rank, in], [out, rank]
         keys = f"{parts['lora_down.weight']} / {parts['lora_up.weight']}"
@@ -429,7 +506,7 @@ def _kohya_updates(tensors: Dict[str, paddle.Tensor], model: nn.Layer):
             continue
         rank = down.shape[0]
         alpha = tensors[parts["alpha"]].astype("float32").item() if "alpha" in parts else float(rank)
-        targets = kohya_targets(name)
+        targets = module_targets[stem]
         missing = [t for t in targets if not isinstance(layers.get(t), nn.Linear)]
         if missing:
             problems.append(f"{keys}: unknown key, the model has no Linear {missing}")
@@ -438,7 +515,7 @@ def _kohya_updates(tensors: Dict[str, paddle.Tensor], model: nn.Layer):
         if up.shape[0] != sum(sizes):
             problems.append(f"{keys}: wrong shape, lora_up has {up.shape[0]} rows but {targets} have {sum(sizes)}")
             continue
-        if name in _SWAP_HALVES:
+        if stem.replace(".", "_").endswith(tuple(_SWAP_HALVES)):  # a BFL name: rows [shift; scale]
             half = up.shape[0] // 2
             up = paddle.concat([up[half:], up[:half]], axis=0)
         for target, rows in zip(targets, paddle.split(up, sizes, axis=0)):
@@ -450,11 +527,15 @@ def _kohya_updates(tensors: Dict[str, paddle.Tensor], model: nn.Layer):
 # Import entry point
 # ----------------------------------------------------------------------------------------------------------------
 
+STYLES = ("ours", "peft", "kohya", "comfyui")
+
 
 def detect_lora_style(keys: List[str], metadata: Dict[str, str]) -> str:
-    """``"ours"``, ``"kohya"`` or ``"peft"`` (diffusers / PEFT) from a file's keys and metadata."""
+    """``"ours"``, ``"comfyui"``, ``"kohya"`` or ``"peft"`` (diffusers / PEFT) from a file's keys and metadata."""
     if metadata.get("lora_format") == FORMAT:
         return "ours"
+    if any(k.startswith("diffusion_model.") for k in keys):
+        return "comfyui"
     kohya = any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys)
     peft = any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
     if kohya and peft:
@@ -464,28 +545,94 @@ def detect_lora_style(keys: List[str], metadata: Dict[str, str]) -> str:
     return "kohya" if kohya else "peft"
 
 
-def import_lora(model: nn.Layer, path, adapter_name: str, dropout: float = 0.0) -> dict:
-    """Load a diffusers / PEFT / kohya FLUX LoRA (or our own file) as adapter ``adapter_name``.
+@dataclass
+class LoraFile:
+    """A LoRA file read once: its tensors (file layout), metadata, detected style and sampling settings."""
 
-    Returns ``{"style", "modules", "ranks", "alphas"}`` (per-module dicts). Raises before touching the model when
-    any key is unknown, partial, mis-shaped or of mismatched rank.
-    """
+    path: Path
+    tensors: Dict[str, paddle.Tensor]
+    metadata: Dict[str, str]
+    style: str  # one of STYLES
+    sampling: dict  # our files' few-step sampling settings ({} for every other style)
+
+
+def read_lora_file(path) -> LoraFile:
+    """Read and classify a LoRA file (or the single ``.safetensors`` in a folder); the model is not touched."""
     tensors, metadata, path = read_safetensors(path)
     try:
         style = detect_lora_style(list(tensors), metadata)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
-    if style == "ours":
-        load_lora(model, path, adapter_name)
+    sampling = _our_metadata(metadata, path)["sampling"] if style == "ours" else {}
+    return LoraFile(path, tensors, metadata, style, dict(sampling or {}))
+
+
+def sampling_settings(path) -> Tuple[Path, dict]:
+    """``(file, sampling settings)`` from the header only (no tensor is read): for checks before loading a model."""
+    path = _resolve_file(path)
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = dict(handle.metadata() or {})
+    except Exception as error:  # safetensors raises its own error types for a bad header
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+    if metadata.get("lora_format") != FORMAT:
+        return path, {}
+    return path, dict(_our_metadata(metadata, path)["sampling"] or {})
+
+
+def combine_sampling(files: List[Tuple[Path, dict]]) -> Tuple[dict, Optional[Path]]:
+    """The sampling settings of several LoRA files used together, and the file they come from.
+
+    Settings come from the one file whose metadata carries them (the few-step student). Files carrying the same
+    settings (apart from their own ``lora_scale``) agree; different settings are an error naming both files.
+    """
+    chosen, source = {}, None
+    for path, sampling in files:
+        if not sampling:
+            continue
+        if source is None:
+            chosen, source = dict(sampling), path
+            continue
+        differ = sorted(k for k in set(chosen) | set(sampling)
+                        if k != "lora_scale" and chosen.get(k) != sampling.get(k))
+        if differ:
+            shown = ", ".join(f"{k}: {chosen.get(k)!r} vs {sampling.get(k)!r}" for k in differ)
+            raise ValueError(f"LoRA files {source} and {path} both carry sampling settings and they differ "
+                             f"({shown}); use one few-step LoRA per generation")
+    return chosen, source
+
+
+def install_lora_file(model: nn.Layer, lora: LoraFile, adapter_name: str, dropout: float = 0.0) -> dict:
+    """Put a :class:`LoraFile` into ``model`` as adapter ``adapter_name``; see :func:`import_lora` for the result.
+
+    Raises before touching the model when any key is unknown (naming the module the model lacks), partial,
+    mis-shaped or of mismatched rank.
+    """
+    if lora.style == "ours":
+        info = _our_metadata(lora.metadata, lora.path)
+        updates, problems = _our_updates(lora.tensors, info)
+        dropout = info["dropout"]
+    elif lora.style == "peft":
+        updates, problems = _peft_updates(lora.tensors, lora.metadata, lora.path)
     else:
-        updates, problems = _kohya_updates(tensors, model) if style == "kohya" else _peft_updates(
-            tensors, metadata, path)
-        _raise_if(problems + check_updates(model, updates), path, "bad LoRA file")
-        install_updates(model, adapter_name, updates, path, dropout=dropout)
+        updates, problems = _kohya_updates(lora.tensors, model, lora.style)
+    _raise_if(problems + check_updates(model, updates), lora.path, "bad LoRA file")
+    install_updates(model, adapter_name, updates, lora.path, dropout=dropout)
     modules = adapter_modules(model, adapter_name)
-    return {"style": style, "modules": list(modules), "ranks": {m: a.rank for m, a in modules.items()},
-            "alphas": {m: a.alpha for m, a in modules.items()}}
+    return {"style": lora.style, "file": lora.path, "sampling": dict(lora.sampling), "modules": list(modules),
+            "ranks": {m: a.rank for m, a in modules.items()}, "alphas": {m: a.alpha for m, a in modules.items()}}
+
+
+def import_lora(model: nn.Layer, path, adapter_name: str, dropout: float = 0.0) -> dict:
+    """Load a LoRA in any supported style (ours, diffusers / PEFT, kohya, ComfyUI) as adapter ``adapter_name``.
+
+    Reads the file once. Returns ``{"style", "file", "sampling", "modules", "ranks", "alphas"}`` (``sampling``:
+    our files' few-step settings, else ``{}``; ranks and alphas per module). Raises before touching the model when
+    any key is unknown, partial, mis-shaped or of mismatched rank.
+    """
+    return install_lora_file(model, read_lora_file(path), adapter_name, dropout)
 
 
 __all__ = ["save_lora", "load_lora", "export_diffusers_lora", "import_lora", "detect_lora_style", "kohya_targets",
-           "read_safetensors", "check_updates", "install_updates", "LoraUpdate", "SAMPLING_KEYS"]
+           "read_safetensors", "check_updates", "install_updates", "LoraUpdate", "SAMPLING_KEYS", "STYLES",
+           "LoraFile", "read_lora_file", "install_lora_file", "sampling_settings", "combine_sampling"]

@@ -16,9 +16,10 @@ Steps of :meth:`FluxPipeline.__call__` (B = prompts x images per prompt):
 The transformer call can be replaced by a compiled one (``set_transformer_runner``, see ``inference/compile.py``).
 """
 import numbers
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import paddle
@@ -32,7 +33,7 @@ from . import flux_folder
 from .latents import decode_latents, latent_image_ids, pack_latents, resolve_seeds, seeded_noise, text_ids
 from .text_encoding import PromptEmbeddings, encode_prompts, repeat_per_image
 
-__all__ = ["FluxPipeline", "FluxPipelineOutput"]
+__all__ = ["FluxPipeline", "FluxPipelineOutput", "LoadedLora", "pair_lora_scales"]
 
 DEFAULT_STEPS = 28  # FLUX.1-dev without a distilled LoRA
 DEFAULT_GUIDANCE = 3.5
@@ -47,6 +48,30 @@ class FluxPipelineOutput:
     images: Union[list, np.ndarray, paddle.Tensor]
     seeds: Optional[List[int]] = None
     sigmas: List[float] = field(default_factory=list)
+
+
+@dataclass
+class LoadedLora:
+    """A LoRA applied to the pipeline's transformer: adapter name, file, detected style, scale, sampling settings."""
+
+    name: str
+    path: Path
+    style: str
+    scale: float
+    sampling: dict
+
+
+def pair_lora_scales(paths: Sequence, scales: Optional[Sequence[float]]) -> List[Optional[float]]:
+    """One scale per LoRA file from ``scales``: None (each file's default), one value for all, or one per file."""
+    paths, scales = list(paths), (None if scales is None else list(scales))
+    if not scales:
+        return [None] * len(paths)
+    if len(scales) == 1:
+        return [float(scales[0])] * len(paths)
+    if len(scales) != len(paths):
+        raise ValueError(f"got {len(scales)} LoRA scales for {len(paths)} LoRA files: give one scale per file "
+                         f"(in the order of the files) or one scale for all")
+    return [float(s) for s in scales]
 
 
 def _as_prompt_list(prompt, name: str) -> List[str]:
@@ -68,9 +93,8 @@ class FluxPipeline:
         self.tokenizer_2 = tokenizer_2
         self.scheduler = scheduler
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.lora_adapter: Optional[str] = None
-        self.lora_scale: Optional[float] = None
-        self.lora_sampling: dict = {}
+        self.loras: Dict[str, LoadedLora] = {}  # in loading order; all live together
+        self.lora_sampling: dict = {}  # from the one LoRA whose metadata carries sampling settings
         self.lora_fused = False
         self._runner = None
         self._progress_disabled = False
@@ -100,40 +124,63 @@ class FluxPipeline:
     def dtype(self) -> str:
         return str(self.transformer.x_embedder.weight.dtype).replace("paddle.", "")
 
-    def load_lora(self, path: Union[str, Path], scale: Optional[float] = None, adapter_name: str = "student") -> dict:
-        """Apply a LoRA to the transformer (ours, diffusers / PEFT or kohya format) and make it live.
+    def load_lora(self, path: Union[str, Path], scale: Optional[float] = None,
+                  adapter_name: Optional[str] = None) -> dict:
+        """Add a LoRA to the transformer (ours, diffusers / PEFT, kohya or ComfyUI format), live with the others.
 
-        Our files carry the student's sampling settings; they become the defaults of ``__call__``
-        (steps and phase-edge sigmas at the requested resolution, guidance scale, LoRA scale).
+        Several LoRAs (e.g. a few-step student and style LoRAs) stay live together, each at its own scale:
+        ``W x + sum_a scale_a (alpha_a / r_a) A_a B_a x``. A file with sampling settings (our student files)
+        makes them the defaults of ``__call__`` (steps and phase-edge sigmas at the requested resolution, guidance
+        scale); two files with different settings are an error naming both. The file is read once and checked
+        against the model before any weight changes.
 
         Args:
-            scale: multiplier of the update; default the file's ``lora_scale`` metadata, else 1.0.
+            scale: multiplier of this LoRA's update; default the file's ``lora_scale`` metadata, else 1.0.
+            adapter_name: the adapter's name; default the file name (made an identifier), ``_2``... when taken.
         Returns:
-            the sampling metadata (empty for files without it).
+            the file's sampling metadata (empty for files without it).
         """
-        if self.lora_adapter is not None:
-            raise RuntimeError(f"a LoRA ({self.lora_adapter}) is already loaded; build a new pipeline for another")
+        if self.lora_fused:
+            raise RuntimeError("the loaded LoRAs are already fused into the transformer; load every LoRA before "
+                               "calling fuse_lora()")
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"LoRA file {path} does not exist")
-        tensors, metadata, _ = lora_io.read_safetensors(path)
-        if lora_io.detect_lora_style(list(tensors), metadata) == "ours":
-            sampling = dict(lora_io.load_lora(self.transformer, path, adapter_name).get("sampling") or {})
-        else:
-            lora_io.import_lora(self.transformer, path, adapter_name)
-            sampling = {}
-        self.lora_adapter = adapter_name
+        lora_file = lora_io.read_lora_file(path)
+        sampling, source = lora_io.combine_sampling(
+            [(lora.path, lora.sampling) for lora in self.loras.values()] + [(lora_file.path, lora_file.sampling)])
+        name = adapter_name or self._free_adapter_name(lora_file.path)
+        if name in self.loras:
+            raise ValueError(f"a LoRA named '{name}' is already loaded (from {self.loras[name].path})")
+        lora_io.install_lora_file(self.transformer, lora_file, name)
+        lora_scale = float(scale if scale is not None else lora_file.sampling.get("lora_scale", 1.0))
+        self.loras[name] = LoadedLora(name, lora_file.path, lora_file.style, lora_scale, dict(lora_file.sampling))
         self.lora_sampling = sampling
-        self.lora_scale = float(scale if scale is not None else sampling.get("lora_scale", 1.0))
-        lora_lib.set_live_adapters(self.transformer, adapter_name)
-        lora_lib.set_adapter_scale(self.transformer, adapter_name, self.lora_scale)
-        return sampling
+        lora_lib.set_adapter_scale(self.transformer, name, lora_scale)
+        lora_lib.set_live_adapters(self.transformer, *self.loras)
+        return dict(lora_file.sampling)
+
+    def load_loras(self, paths: Sequence[Union[str, Path]], scales: Optional[Sequence[float]] = None) -> List[dict]:
+        """:meth:`load_lora` for each file; ``scales``: None, one for all, or one per file (in file order)."""
+        return [self.load_lora(path, scale=scale) for path, scale in zip(paths, pair_lora_scales(paths, scales))]
+
+    def _free_adapter_name(self, path: Path) -> str:
+        base = re.sub(r"\W", "_", path.stem) or "lora"
+        base = base if re.match(r"[A-Za-z_]", base) else f"lora_{base}"
+        taken = set(self.loras) | set(lora_lib.adapter_names(self.transformer))
+        name, index = base, 2
+        while name in taken:
+            name, index = f"{base}_{index}", index + 1
+        return name
 
     def fuse_lora(self) -> None:
-        """Fold the loaded LoRA (at its scale) into the transformer weights; needed before compiling."""
-        if self.lora_adapter is None or self.lora_fused:
+        """Fold every loaded LoRA (each at its scale) into the transformer weights; needed before compiling.
+
+        Exact: each weight gets the float32 sum of the adapters' deltas, added once.
+        """
+        if not self.loras or self.lora_fused:
             return
-        lora_lib.merge_adapter(self.transformer, self.lora_adapter, scale=self.lora_scale)
+        lora_lib.merge_adapters(self.transformer, {name: lora.scale for name, lora in self.loras.items()})
         self.lora_fused = True
 
     def set_transformer_runner(self, runner) -> None:

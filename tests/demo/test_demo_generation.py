@@ -38,7 +38,7 @@ def test_fresh_quick_start_student_comes_before_the_committed_one(tmp_path):
     assert demo_student(tmp_path) == fresh
     args = parse([])
     fill_demo_defaults(args, output_dir=tmp_path)
-    assert args.path_to_lora == str(fresh) and args.true_cfg_scale is None  # a student: CFG off (FLUX default)
+    assert args.path_to_lora == [str(fresh)] and args.true_cfg_scale is None  # a student: CFG off (FLUX default)
 
 
 def test_given_model_is_left_alone(tmp_path):

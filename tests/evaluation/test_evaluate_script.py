@@ -232,8 +232,8 @@ def test_end_to_end_with_tiny_flux_pipeline(workspace, monkeypatch):
     assert np.abs(np.round(alone * 255) - teacher[2].astype(np.float64)).max() <= 1
 
     protocol = results["protocol"]
-    assert protocol["identities"]["lora"] == hashlib.sha256(lora_path.read_bytes()).hexdigest()
-    assert protocol["identities"]["lora_scale"] == 1.0 and protocol["identities"]["model"]["num_files"] > 10
+    assert protocol["identities"]["lora"] == [hashlib.sha256(lora_path.read_bytes()).hexdigest()]
+    assert protocol["identities"]["lora_scale"] == [1.0] and protocol["identities"]["model"]["num_files"] > 10
     assert protocol["student"]["num_inference_steps"] == 1 and protocol["teacher"]["num_inference_steps"] == 3
 
     # Rerun: everything cached, the pipeline is not even loaded.

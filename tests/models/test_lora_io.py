@@ -4,6 +4,7 @@ and one error test per kind of bad file.
 Fixtures: ``scripts/reference/make_lora_fixtures.py`` (PyTorch) and ``make_ours_exported_lora.py`` (Paddle).
 """
 import json
+import re
 
 import numpy as np
 import paddle
@@ -292,3 +293,101 @@ def test_non_finite_adapters_are_never_written_nor_loaded(model, tmp_path):
         with pytest.raises(ValueError, match=f"inf.safetensors holds NaN or infinite values in 1 tensor \\({key}\\)"):
             load(model, tmp_path / "inf.safetensors", "other")
     assert adapter_names(model) == ["student"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ComfyUI names, kohya names with diffusers modules, several LoRAs live (fixtures: make_lora_fixtures.py interop)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def interop_outputs(lora_dir):
+    return read(lora_dir / "interop_outputs.safetensors")[0]
+
+
+def test_comfyui_file_matches_diffusers_loading_it(model, inputs, interop_outputs, torch_outputs, lora_dir):
+    info = import_lora(model, lora_dir / "comfyui_adapter.safetensors", "comfy")  # has an all-zero .diff_b
+    assert info["style"] == "comfyui" and info["sampling"] == {}
+    assert {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v"} <= set(info["modules"])
+    out = run(model, inputs, "comfy")
+    assert max_abs(out, torch_outputs["base"]) > 0.1
+    assert max_abs(out, interop_outputs["comfyui"]) < PARITY_ATOL
+
+
+def comfyui_renamed(tensors, up_down=("lora_up", "lora_down")):
+    """kohya BFL keys -> ComfyUI's ``diffusion_model.<dotted BFL name>`` keys (same values)."""
+    dotted = {"img_attn_qkv": "img_attn.qkv", "img_attn_proj": "img_attn.proj", "img_mlp_0": "img_mlp.0",
+              "img_mlp_2": "img_mlp.2", "img_mod_lin": "img_mod.lin", "modulation_lin": "modulation.lin",
+              "time_in_in_layer": "time_in.in_layer", "time_in_out_layer": "time_in.out_layer",
+              "vector_in_in_layer": "vector_in.in_layer", "vector_in_out_layer": "vector_in.out_layer",
+              "guidance_in_in_layer": "guidance_in.in_layer", "guidance_in_out_layer": "guidance_in.out_layer",
+              "final_layer_linear": "final_layer.linear",
+              "final_layer_adaLN_modulation_1": "final_layer.adaLN_modulation.1"}
+    dotted.update({k.replace("img", "txt"): v.replace("img", "txt") for k, v in dotted.items() if "img_" in k[:4]})
+    renamed = {}
+    for key, value in tensors.items():
+        stem, _, part = key[len("lora_unet_"):].partition(".")
+        block = next((b for b in ("double_blocks", "single_blocks") if stem.startswith(b + "_")), None)
+        if block:
+            index, rest = stem[len(block) + 1:].split("_", 1)
+            name = f"{block}.{index}.{dotted.get(rest, rest)}"
+        else:
+            name = dotted.get(stem, stem)
+        part = part.replace("lora_up", up_down[0]).replace("lora_down", up_down[1])
+        renamed[f"diffusion_model.{name}.{part}"] = value
+    return renamed
+
+
+@pytest.mark.parametrize("up_down", [("lora_up", "lora_down"), ("lora_B", "lora_A")])
+def test_comfyui_names_of_every_kohya_module_match_kohya_reference(model, inputs, torch_outputs, lora_dir, tmp_path,
+                                                                   up_down):
+    """Every BFL module (fused qkv / linear1, embedders, final layer with its shift/scale swap) under ComfyUI names,
+    with kohya or PEFT suffixes: the torch kohya reference (merged into the fused BFL weights by hand)."""
+    kohya, _ = read(lora_dir / "kohya_adapter.safetensors")
+    save_file(comfyui_renamed(kohya, up_down), str(tmp_path / "comfy.safetensors"))
+    assert import_lora(model, tmp_path / "comfy.safetensors", "comfy")["style"] == "comfyui"
+    assert max_abs(run(model, inputs, "comfy"), torch_outputs["kohya"]) < PARITY_ATOL
+
+
+def test_comfyui_nonzero_full_difference_is_refused_by_key(model, lora_dir, tmp_path):
+    tensors, _ = read(lora_dir / "comfyui_adapter.safetensors")
+    tensors["diffusion_model.double_blocks.0.img_attn.qkv.diff_b"] = np.full([96], 0.1, np.float32)
+    save_file(tensors, str(tmp_path / "diff.safetensors"))
+    with pytest.raises(ValueError, match=r"double_blocks\.0\.img_attn\.qkv\.diff_b: a full weight difference"):
+        import_lora(model, tmp_path / "diff.safetensors", "comfy")
+    assert adapter_names(model) == []
+
+
+@pytest.mark.parametrize("prefix", ["lora_transformer_", "lora_unet_"])
+def test_kohya_names_with_diffusers_modules_match_diffusers(model, inputs, interop_outputs, lora_dir, tmp_path,
+                                                            prefix):
+    tensors, _ = read(lora_dir / "kohya_diffusers_names_adapter.safetensors")
+    save_file({prefix + k[len("lora_transformer_"):]: v for k, v in tensors.items()}, str(tmp_path / "k.safetensors"))
+    info = import_lora(model, tmp_path / "k.safetensors", "named")
+    assert info["style"] == "kohya"
+    assert info["alphas"]["transformer_blocks.0.attn.to_v"] == 1.0 and "norm_out.linear" in info["modules"]
+    assert max_abs(run(model, inputs, "named"), interop_outputs["kohya_diffusers_names"]) < PARITY_ATOL
+
+
+def test_two_adapters_live_match_torch_with_one_merged_and_one_live(model, inputs, interop_outputs, torch_outputs,
+                                                                    lora_dir):
+    import_lora(model, lora_dir / "kohya_adapter.safetensors", "kohya")
+    import_lora(model, lora_dir / "peft_adapter.safetensors", "peft")
+    both = run(model, inputs, "kohya", "peft")
+    assert max_abs(both, torch_outputs["kohya"]) > 0.1 and max_abs(both, torch_outputs["peft"]) > 0.1
+    assert max_abs(both, interop_outputs["kohya_merged_plus_peft"]) < PARITY_ATOL
+    assert max_abs(run(model, inputs, "peft", "kohya"), both) < 1e-6  # order of the live list does not matter
+
+
+@pytest.mark.parametrize("key, module", [
+    ("transformer.transformer_blocks.7.attn.to_q.lora_A.weight", "transformer_blocks.7.attn.to_q"),
+    ("lora_unet_double_blocks_5_img_attn_proj.lora_down.weight", "transformer_blocks.5.attn.to_out.0"),
+    ("diffusion_model.single_blocks.3.linear2.lora_down.weight", "single_transformer_blocks.3.proj_out"),
+    ("lora_transformer_transformer_blocks_0_attn_to_z.lora_down.weight", "transformer_blocks_0_attn_to_z"),
+])
+def test_lora_for_modules_the_model_lacks_names_the_module(model, tmp_path, key, module):
+    up_key = key.replace("lora_A", "lora_B").replace("lora_down", "lora_up")
+    save_file({key: np.ones([2, 32], np.float32), up_key: np.ones([32, 2], np.float32)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match=re.escape(module)):
+        import_lora(model, tmp_path / "x.safetensors", "x")
+    assert adapter_names(model) == []

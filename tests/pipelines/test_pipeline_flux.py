@@ -183,6 +183,6 @@ def test_explicit_lora_scale_overrides_metadata(folder, tmp_path):
     make_lora_file(folder, tmp_path / "student.safetensors", dict(lora_scale=0.5))
     student = new_pipe(folder)
     student.load_lora(tmp_path / "student.safetensors", scale=1.5)
-    assert student.lora_scale == 1.5
+    assert student.loras["student"].scale == 1.5
     assert all(layer.lora_adapters["student"].scale == 1.5
                for _, layer in layers_with_adapter(student.transformer, "student"))

@@ -38,7 +38,7 @@ def fill_demo_defaults(args, folder: Union[str, Path] = DEMO_MODEL_DIR,
     args.pretrained_model_name_or_path = str(folder)
     if args.path_to_lora is None:
         student = demo_student(output_dir, folder)
-        args.path_to_lora = None if student is None else str(student)
+        args.path_to_lora = None if student is None else [str(student)]
     demo = read_demo_config(folder)
     defaults = {"height": demo["height"], "width": demo["width"], "max_sequence_length": demo["max_sequence_length"],
                 "prompt": demo["prompts"][DEMO_PROMPT_DIGIT]}
