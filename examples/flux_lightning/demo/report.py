@@ -82,8 +82,11 @@ def teacher_images(teacher: DemoTeacher, eval_set: EvalSet, steps: int, name: Op
 
 
 def student_images(teacher: DemoTeacher, lora_path, eval_set: EvalSet, adapter_name: str, name: str,
-                   note: str = "") -> ImageSet:
-    """A student LoRA on the teacher's base, sampled with the steps and levels of its metadata."""
+                   note: str = "", live_with: Sequence[str] = ()) -> ImageSet:
+    """A student LoRA on the teacher's base, sampled with the steps and levels of its metadata.
+
+    ``live_with``: adapters already in the model that stay live with the student (e.g. a style LoRA).
+    """
     metadata = load_lora(teacher.transformer, lora_path, adapter_name)
     sampling = metadata.get("sampling") or {}
     missing = [k for k in ("multiphase", "num_euler_timesteps") if k not in sampling]
@@ -98,7 +101,7 @@ def student_images(teacher: DemoTeacher, lora_path, eval_set: EvalSet, adapter_n
         sequence, pooled = teacher.prompts.take(np.asarray(lab))
 
         def velocity(x, s):
-            with use_adapters(teacher.transformer, adapter_name):
+            with use_adapters(teacher.transformer, adapter_name, *live_with):
                 return teacher.transformer(x, sequence, pooled, s, teacher.img_ids, teacher.txt_ids, None,
                                            return_dict=False)[0]
         with paddle.no_grad():
