@@ -16,7 +16,7 @@ from typing import List
 PACKAGE = Path(__file__).resolve().parents[1] / "ppdiffusers_fast"
 
 LAYERS = {
-    "compat": 0, "config_fields": 0, "models": 0,
+    "compat": 0, "config_fields": 0, "command_line": 0, "models": 0,
     "schedules": 1, "schedulers": 1, "losses": 1,
     "methods": 2,
     "data": 3, "training": 3, "pipelines": 3, "inference": 3, "evaluation": 3,

@@ -1,4 +1,4 @@
-"""Distil FLUX into a few-step LoRA student (PCM now; DMD2 and FLUX-Lightning through --method).
+"""Distil FLUX into a few-step LoRA student: FLUX-Lightning by default, PCM and DMD2 through --method.
 
 Accepts the command line of PaddleMIX's FLUX-Lightning training script (see ALGORITHMS.md); flags that
 script parses but this library does not implement are refused with a message naming them.
@@ -18,8 +18,11 @@ Everything is in the library: ``training.config`` (flags), ``training.launch.run
 """
 import sys
 
-from ppdiffusers_fast.training.config import config_from_args
-from ppdiffusers_fast.training.launch import run_training
+from ppdiffusers_fast.command_line import quiet_third_party, run_command
+
+quiet_third_party()  # before paddle is imported; --verbose keeps the third-party warnings
+from ppdiffusers_fast.training.config import config_from_args  # noqa: E402
+from ppdiffusers_fast.training.launch import run_training  # noqa: E402
 
 
 def main(argv=None):
@@ -30,4 +33,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_command(main, sys.argv[1:])

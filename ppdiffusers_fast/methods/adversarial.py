@@ -46,8 +46,9 @@ class AdversarialConfig:
     adv_loss_type: str = flag("hinge", "generator loss: hinge mean relu(1 - D(fake)) (the reference's) or "
                               "non_saturating -mean D(fake)", choices=sorted(GENERATOR_LOSSES))
     adv_head_channels: int = flag(256, "hidden channels of each discriminator head")
-    adv_alternate: bool = flag(False, "update the discriminator only on steps without a generator update "
-                               "(the reference's alternation); default: both every generator step")
+    adv_alternate: bool = flag(True, "alternate like the reference: the generator updates at even steps, the "
+                               "discriminator at odd steps (28,652 steps = 14,326 updates of each); "
+                               "--no_adv_alternate updates both at every step")
 
     def validate(self) -> None:
         if not self.adv_weight >= 0:

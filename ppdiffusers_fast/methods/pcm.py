@@ -30,7 +30,8 @@ import paddle
 from .. import schedules
 from ..config_fields import flag
 from ..losses import consistency_loss
-from ..models.lora import LoraConfig, adapter_parameters, inject_lora, inject_trainable_lora, use_adapters
+from ..models.lora import (LoraConfig, adapter_modules, adapter_parameters, inject_lora, inject_trainable_lora,
+                           use_adapters)
 from ..schedulers.samplers import sample_euler
 from .base import STUDENT, DistillationMethod, FewStepSchedule, LatentBatch, StepResult, export_student
 from .denoiser import (FluxCondition, FluxDenoiser, check_unconditional, resolve_guidance_mode, student_condition,
@@ -127,9 +128,11 @@ class PCM(DistillationMethod):
         inject_trainable_lora(transformer, lora_config, STUDENT)
         if config.ema_decay is not None:
             inject_lora(transformer, lora_config, EMA_TARGET)
+            for adapter in adapter_modules(transformer, EMA_TARGET).values():
+                adapter.to(dtype="float32")  # a bf16 average of small steps stalls (1 - decay under bf16 rounding)
             with paddle.no_grad():
                 for ema, student in zip(self._ema_parameters(), adapter_parameters(transformer, STUDENT)):
-                    ema.set_value(student)
+                    ema.set_value(student.astype("float32"))
                     ema.stop_gradient = True
 
     # ------------------------------------------------------------------ trainer interface

@@ -21,7 +21,7 @@ from .flux_lightning import FluxLightning
 from .pcm import PCM, PCMConfig
 from .reflow import ReflowConfig
 
-__all__ = ["METHODS", "METHOD_SECTIONS", "METHOD_USES", "build_method"]
+__all__ = ["METHODS", "METHOD_SECTIONS", "METHOD_USES", "METHOD_IGNORES", "build_method"]
 
 METHODS = ("pcm", "dmd2", "flux_lightning")
 METHOD_SECTIONS = {"schedule": FewStepSchedule, "pcm": PCMConfig, "adversarial": AdversarialConfig,
@@ -29,6 +29,8 @@ METHOD_SECTIONS = {"schedule": FewStepSchedule, "pcm": PCMConfig, "adversarial":
 # the method sections each method reads
 METHOD_USES = {"pcm": ("schedule", "pcm"), "flux_lightning": ("schedule", "pcm", "adversarial", "dmd", "reflow"),
                "dmd2": ("schedule", "adversarial", "dmd", "dmd2")}
+# flags of a section a method reads that this method still does not read (refused by name when given)
+METHOD_IGNORES = {"dmd2": ("adv_weight", "adv_alternate", "dmd_weight")}
 
 
 def _sections(name: str, config):

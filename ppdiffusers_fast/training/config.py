@@ -18,9 +18,11 @@ The resolved config is written as JSON beside every checkpoint (``config_to_dict
 import argparse
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence
 
+from ..command_line import CommandLineParser
 from ..config_fields import flag
 from ..methods.adversarial import AdversarialConfig
 from ..methods.base import FewStepSchedule
@@ -28,7 +30,7 @@ from ..methods.distribution_matching import DistributionMatchingConfig
 from ..methods.dmd2 import DMD2Config
 from ..methods.pcm import PCMConfig
 from ..methods.reflow import ReflowConfig
-from ..methods.registry import METHOD_USES, METHODS
+from ..methods.registry import METHOD_IGNORES, METHOD_USES, METHODS
 from ..models.lora import REFERENCE_TARGET_MODULES, LoraConfig, resolve_target_modules
 
 
@@ -71,7 +73,9 @@ class DataConfig:
     center_crop: bool = flag(False, "center crop instead of random crop after resizing")
     random_flip: bool = flag(False, "randomly flip training images horizontally")
     train_batch_size: int = flag(1, "batch size per device")
-    dataloader_num_workers: int = flag(32, "data loading worker processes (0 = in the main process)")
+    dataloader_num_workers: int = flag(min(8, os.cpu_count() or 1),
+                                       "data loading worker processes (0 = in the main process); default "
+                                       "min(8, CPU count)")
     max_sequence_length: int = flag(512, "T5 prompt length in tokens")
 
 
@@ -97,7 +101,7 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    method: str = flag("pcm", "distillation method", choices=list(METHODS))
+    method: str = flag("flux_lightning", "distillation method", choices=list(METHODS))
     output_dir: str = flag("outputs/lora_flux_lightning", "checkpoints, logs and the final LoRA go here")
     seed: Optional[int] = flag(453645634, "global seed (each rank adds its rank)")
     checkpointing_steps: int = flag(1000, "write a checkpoint every N optimizer updates (and at the end)")
@@ -180,7 +184,7 @@ def build_parser(description: str = "Distil FLUX into a few-step LoRA student") 
     Every flag defaults to ``argparse.SUPPRESS``: the parsed namespace holds exactly the flags given on the
     command line, and ``config_from_args`` fills the rest from the dataclass defaults.
     """
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    parser = CommandLineParser(description=description, argument_default=argparse.SUPPRESS)
     seen = set()
     for section_name, section_cls in _sections():
         group = parser.add_argument_group(section_name)
@@ -193,7 +197,7 @@ def build_parser(description: str = "Distil FLUX into a few-step LoRA student") 
             if fld.type in (bool, "bool"):
                 group.add_argument(f"--{name}", dest=name, action="store_const", const=True, help=help_text)
                 group.add_argument(f"--no_{name}", dest=name, action="store_const", const=False,
-                                   help=argparse.SUPPRESS)
+                                   help=f"turn --{name} off")
                 continue
             type_ = _field_scalar_type(fld)
             optional = "Optional" in str(fld.type)
@@ -235,6 +239,7 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
         if section_name not in used:
             unused += [name for name in names if name in given]
         sections[section_name] = section_cls(**{name: given[name] for name in names if name in given})
+    unused += [name for name in METHOD_IGNORES.get(method, ()) if name in given]
     if unused:
         parser.error(f"--method {method} does not use {', '.join('--' + n for n in unused)} "
                      f"(these flags belong to {', '.join(m for m in METHOD_USES if m != method)})")

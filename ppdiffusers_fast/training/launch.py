@@ -9,10 +9,15 @@ the data stream (``data.sources``: the layouts ``--data_path`` may hold), the me
 injected on the base), the validator (``training.validation``) and the trainer; train; export the student LoRA
 with its sampling metadata.
 """
+import json
+from pathlib import Path
+from typing import Optional, Tuple
+
 import paddle
 
-from ..data.sources import build_training_data, has_text_encoders, load_text_encoder, teacher_folders, \
-    unconditional_condition
+from ..command_line import UsageError, check_output_dir
+from ..data.sources import (build_training_data, detect_layout, has_text_encoders, load_text_encoder,
+                            teacher_folders, unconditional_condition)
 from ..methods.denoiser import FluxDenoiser
 from ..methods.registry import build_method
 from ..models.weights import load_flux_transformer
@@ -32,12 +37,32 @@ def _reserve_gpu_memory(gib: int) -> None:
     del block
 
 
+def check_inputs(config: TrainConfig) -> Tuple[Path, Optional[Path]]:
+    """The user's errors, before any model or data is loaded (:class:`UsageError` naming the flag and path):
+    the teacher folder and its transformer ``config.json``, the layout of ``--data_path``, a writable
+    ``--output_dir``. Returns ``(transformer folder, FLUX folder or None)``."""
+    try:
+        transformer_folder, flux_folder = teacher_folders(config.model.pretrained_teacher_model)
+        config_file = transformer_folder / "config.json" if transformer_folder.is_dir() else None
+        if config_file is not None:
+            try:
+                if not isinstance(json.loads(config_file.read_text(encoding="utf-8")), dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as error:
+                raise ValueError(f"--pretrained_teacher_model: {config_file} is not a valid config ({error})")
+        detect_layout(config.data)
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
+    check_output_dir(config.run.output_dir)
+    return transformer_folder, flux_folder
+
+
 def run_training(config: TrainConfig) -> TrainResult:
     """Train ``config.run.method`` and export the student LoRA to ``--output_dir`` (rank 0)."""
+    transformer_folder, flux_folder = check_inputs(config)
     precision = start_process(config)
     rank, world = dist.rank(), dist.world_size()
     _reserve_gpu_memory(config.run.pre_alloc_memory)
-    transformer_folder, flux_folder = teacher_folders(config.model.pretrained_teacher_model)
     data = build_training_data(config.data, config.run.seed or 0, rank, world, flux_folder)
 
     denoiser = FluxDenoiser(load_flux_transformer(transformer_folder, dtype=precision.weight_dtype))

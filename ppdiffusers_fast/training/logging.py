@@ -2,7 +2,8 @@
 
 Scalars per update: ``loss/<name>`` for each named loss (mean over micro-batches and ranks),
 ``metric/<name>``, ``lr/<group>``, ``grad_norm/<group>`` (before clipping), ``time/step_seconds`` and
-``time/samples_per_second``. Images: ``validation/<i>`` every ``validation_steps`` updates from
+``time/samples_per_second``; the same step, losses, learning rates and gradient norms as plain text, one
+line per update, in ``<output_dir>/train_log.txt``. Images: ``validation/<i>`` every ``validation_steps`` updates from
 ``training.validation.Validator``. Only rank 0 writes.
 """
 import math
@@ -48,9 +49,12 @@ class TrainingLogger:
     """VisualDL writer (rank 0, ``report_to="visualdl"``) plus a tqdm progress bar."""
 
     def __init__(self, log_dir: Optional[str], enabled: bool, total_steps: int, initial_step: int = 0,
-                 report_to: str = "visualdl", run_name: str = "train"):
+                 report_to: str = "visualdl", run_name: str = "train", text_log: Optional[str] = None):
         self.enabled = enabled
         self.writer = None
+        # plain text, one line per update (step, losses, learning rates, gradient norms) and every message;
+        # appended to, so a resumed run continues the same file
+        self.text = open(text_log, "a", encoding="utf-8") if enabled and text_log else None
         if enabled and report_to == "visualdl" and log_dir:
             from visualdl import LogWriter
 
@@ -70,6 +74,10 @@ class TrainingLogger:
         losses = {k.split("/", 1)[1]: v for k, v in scalars.items() if k.startswith("loss/")}
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
         self.bar.update(1)
+        if self.text is not None:
+            shown = [k for k in sorted(scalars) if k.split("/", 1)[0] in ("loss", "lr", "grad_norm")]
+            self.text.write(f"step {step} " + " ".join(f"{k}={float(scalars[k]):.6g}" for k in shown) + "\n")
+            self.text.flush()
 
     def log_images(self, step: int, tag: str, images: Sequence[np.ndarray]) -> None:
         """``images``: ``[H, W, 3]`` uint8 arrays."""
@@ -81,8 +89,14 @@ class TrainingLogger:
     def message(self, text: str) -> None:
         if self.enabled:
             self.bar.write(text)
+        if self.text is not None:
+            self.text.write(text + "\n")
+            self.text.flush()
 
     def close(self) -> None:
         self.bar.close()
+        if self.text is not None:
+            self.text.close()
+            self.text = None
         if self.writer is not None:
             self.writer.close()

@@ -58,6 +58,9 @@ def resolve_max_train_steps(optim, batches_per_epoch: Optional[int]) -> int:
     return optim.num_train_epochs * math.ceil(batches_per_epoch / optim.gradient_accumulation_steps)
 
 
+TEXT_LOG_FILE = "train_log.txt"  # plain-text training log in --output_dir
+
+
 @dataclass
 class TrainResult:
     step: int  # updates done
@@ -231,8 +234,9 @@ class Trainer:
             dist.broadcast_parameters(all_params + list(self.method.extra_checkpoint_tensors().values()))
 
         log_dir = str(Path(run.output_dir) / run.logging_dir)
+        Path(run.output_dir).mkdir(parents=True, exist_ok=True)
         logger = TrainingLogger(log_dir, self.rank == 0, self.max_train_steps, self.step, run.report_to,
-                                run.tracker_project_name)
+                                run.tracker_project_name, text_log=str(Path(run.output_dir) / TEXT_LOG_FILE))
         if self.precision.note:
             logger.message(self.precision.note)
         for note in self.resume_notes:

@@ -58,8 +58,9 @@ def tiny_flux_lightning(seed=0, adv=True, dmd=True, reflow=True, fake_score="aut
                         pcm_kw=None, reflow_kw=None, schedule_kw=None):
     denoiser = tiny_denoiser(seed)
     pcm = PCM(denoiser, TINY_LORA, tiny_schedule(**(schedule_kw or {})), PCMConfig(**(pcm_kw or {})))
+    # the every-step schedule (--no_adv_alternate) unless adv_kw asks for the reference's alternation
     adversarial = AdversarialConfig(adv_weight=0.1 if adv else 0.0, adv_head_channels=HEAD_CHANNELS,
-                                    **(adv_kw or {}))
+                                    **{"adv_alternate": False, **(adv_kw or {})})
     dmd_config = DistributionMatchingConfig(use_dmd_loss=dmd, dmd_fake_score=fake_score, **(dmd_kw or {}))
     reflow_config = ReflowConfig(apply_reflow_loss=reflow, **(reflow_kw or {}))
     return FluxLightning(pcm, adversarial, dmd_config, reflow_config, TINY_LORA)

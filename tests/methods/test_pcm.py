@@ -221,3 +221,25 @@ def test_config_errors_name_the_flag():
         PCMConfig(ema_decay=1.5).validate()
     with pytest.raises(ValueError, match="not_apply_cfg_solver"):
         tiny_pcm(apply_cfg_solver=False)
+
+
+def test_ema_adapter_is_float32_on_a_bf16_base_and_tracks_the_student():
+    """decay 0.999 over 300 updates toward a fixed student: the EMA must reach 1 - 0.999^300 = 25.9% of the way
+    (a bf16 EMA stalls: its (1 - decay) steps round away)."""
+    transformer = tiny_flux(0).to(dtype="bfloat16")
+    method = PCM(FluxDenoiser(transformer), TINY_LORA, FewStepSchedule(num_euler_timesteps=8, multiphase=2),
+                 PCMConfig(ema_decay=0.999))
+    ema = adapter_parameters(transformer, EMA_TARGET)
+    students = adapter_parameters(transformer, STUDENT)
+    assert {str(p.dtype) for p in students} == {"paddle.bfloat16"}
+    assert {str(p.dtype) for p in ema} == {"paddle.float32"}
+    start = [p.numpy().copy() for p in ema]
+    rng = np.random.RandomState(0)
+    for student in students:  # a student far from the EMA's start
+        student.set_value(paddle.to_tensor(rng.randn(*student.shape).astype("float32")).astype("bfloat16"))
+    for step in range(300):
+        method.after_update(step, ["generator"])
+    for e, s, e0 in zip(ema, students, start):
+        target = s.astype("float32").numpy().astype(np.float64)
+        expected = target + (e0 - target) * 0.999 ** 300
+        np.testing.assert_allclose(e.numpy(), expected, rtol=1e-3, atol=1e-4)

@@ -37,6 +37,7 @@ def test_reference_pcm_flags_map_onto_the_config():
     assert (config.run.checkpointing_steps, config.run.checkpoints_total_limit) == (1000, 30)
     assert config.run.resume_from_checkpoint == "latest" and config.run.seed == 453645634
     assert config.run.validation_steps == 20000 and config.data.dataloader_num_workers == 32
+    assert config.run.method == "pcm"
 
 
 def test_defaults_are_the_reference_run():
@@ -70,7 +71,7 @@ def test_dmd2_reads_the_shared_schedule_and_refuses_pcm_only_flags(capsys):
 
 def test_flags_of_another_method_are_refused_for_pcm(capsys):
     with pytest.raises(SystemExit):
-        config_from_args(shlex.split(REFERENCE))  # --method pcm is the default
+        config_from_args(shlex.split(REFERENCE) + ["--method", "pcm"])
     err = capsys.readouterr().err
     assert "--method pcm does not use" in err and "--adv_weight" in err and "--reflow_loss_weight" in err
 
@@ -109,3 +110,39 @@ def test_resolved_config_round_trips_through_json(tmp_path):
     assert loaded == config
     with pytest.raises(KeyError, match="unknown keys"):
         config_from_dict({"pcm": {"no_such_field": 1}})
+
+
+def test_the_reference_command_line_runs_unchanged_with_the_reference_update_counts():
+    """No --method: FLUX-Lightning; the reference alternates, so 28,652 steps are 14,326 generator and
+    14,326 discriminator updates; --no_adv_alternate (opt-in) updates both at every step."""
+    from training_toys import TINY_LORA, tiny_flux
+
+    from ppdiffusers_fast.methods.denoiser import FluxDenoiser
+    from ppdiffusers_fast.methods.registry import build_method
+
+    def counts(argv):
+        config = config_from_args(argv)
+        assert config.run.method == "flux_lightning"
+        method = build_method(config.run.method, FluxDenoiser(tiny_flux()), TINY_LORA, config)
+        groups = [g for step in range(config.optim.max_train_steps) for g in method.update_schedule(step)]
+        return groups.count("generator"), groups.count("discriminator")
+
+    assert counts(shlex.split(REFERENCE)) == (14326, 14326)
+    assert counts(shlex.split(REFERENCE) + ["--no_adv_alternate"]) == (28652, 28652)
+
+
+def test_defaults_help_and_flags_a_method_does_not_read(capsys):
+    import os
+
+    from ppdiffusers_fast.training.config import build_parser
+
+    assert TrainConfig().data.dataloader_num_workers == min(8, os.cpu_count())
+    help_text = " ".join(build_parser().format_help().split())
+    for switch in ("--gradient_checkpointing", "--no_gradient_checkpointing", "--adv_alternate",
+                   "--no_adv_alternate", "--verbose"):
+        assert f"{switch} " in help_text, switch
+    for flag in ("--adv_alternate", "--adv_weight 0.1", "--dmd_weight 0.01"):
+        with pytest.raises(SystemExit):
+            config_from_args(["--method", "dmd2"] + flag.split())
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --method dmd2 does not use {flag.split()[0]}") and err.count("\n") == 1, err

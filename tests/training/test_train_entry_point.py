@@ -1,5 +1,6 @@
 """examples/flux_lightning/train_flux_lightning_lora.py end to end on a tiny teacher folder (CPU):
 trains, validates, checkpoints, resumes with `--resume_from_checkpoint latest`, exports a loadable LoRA."""
+import re
 import runpy
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 from training_toys import tiny_flux, tiny_latent_arrays
 
+from ppdiffusers_fast.command_line import UsageError, run_command
 from ppdiffusers_fast.models import safetensors_io
 from ppdiffusers_fast.models.lora_io import load_lora
 from ppdiffusers_fast.models.weights import save_paddle_safetensors
@@ -70,12 +72,33 @@ def test_missing_inputs_are_named_before_loading(tmp_path, entry_point):
     argv = _argv(teacher, data, tmp_path / "out", 1)
     bad_data = list(argv)
     bad_data[bad_data.index("--data_path") + 1] = str(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(UsageError, match="nowhere"):
         entry_point(bad_data)
     bad_teacher = list(argv)
     bad_teacher[bad_teacher.index("--pretrained_teacher_model") + 1] = str(tmp_path)
-    with pytest.raises(FileNotFoundError, match="transformer"):
+    with pytest.raises(UsageError, match="transformer"):
         entry_point(bad_teacher)
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path, entry_point, capsys):
+    teacher, data = _teacher_and_data(tmp_path)
+    argv = _argv(teacher, data, tmp_path / "out", 1)
+    (teacher / "transformer" / "config.json").write_text("{truncated")
+    unwritable = list(argv)
+    unwritable[unwritable.index("--output_dir") + 1] = "/proc/x"
+    cases = {"--pretrained_teacher_model: .*config.json is not a valid config": argv,
+             "--output_dir /proc/x is not a writable folder": unwritable,
+             "argument --lora_rank: invalid int value: 'four'": argv + ["--lora_rank", "four"]}
+    for expected, case in cases.items():
+        if "config.json" not in expected:
+            save_paddle_safetensors(tiny_flux(seed=4), teacher / "transformer" / "diffusion_pytorch_model.safetensors")
+        with pytest.raises(SystemExit) as exit_info:
+            run_command(entry_point, case)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+        assert re.search(expected, err), (expected, err)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing trained or written
 
 
 def _write_base64_records(folder: Path, count=4):

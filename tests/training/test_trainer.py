@@ -151,3 +151,16 @@ def test_checkpoint_write_refuses_non_finite_tensors(tmp_path):
         trainer.save_checkpoint()
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-1"]
     assert not list(tmp_path.glob(ckpt.TEMP_PREFIX + "*"))
+
+
+def test_plain_text_log_has_step_losses_lr_and_grad_norm(tmp_path):
+    trainer = Trainer(_toy(), DictStream(toy_arrays(), 4), _settings(tmp_path, 3))
+    trainer.train()
+    lines = [line for line in (tmp_path / "train_log.txt").read_text().splitlines() if line.startswith("step ")]
+    assert [line.split()[:2] for line in lines] == [["step", "1"], ["step", "2"], ["step", "3"]]
+    first = dict(item.split("=") for item in lines[0].split()[2:])
+    row = trainer.history[0]
+    assert set(first) == {"loss/generator", "loss/critic", "lr/generator", "lr/critic", "grad_norm/generator",
+                          "grad_norm/critic"}
+    for key, value in first.items():
+        assert float(value) == pytest.approx(row[key], rel=1e-5), key

@@ -69,6 +69,7 @@ class DemoRecipe:
     adv_weight: Optional[float] = 0.1
     adv_lr: Optional[float] = 1e-4
     adv_head_channels: Optional[int] = 32
+    adv_alternate: Optional[bool] = False  # the demo's figures update generator and heads at every step
     use_dmd_loss: Optional[bool] = True
     dmd_weight: Optional[float] = 0.01
     apply_reflow_loss: Optional[bool] = True
@@ -92,8 +93,8 @@ class DemoRecipe:
         return out + list(self.extra_flags)
 
 
-_PCM_ONLY = dict(adv_weight=None, adv_lr=None, adv_head_channels=None, use_dmd_loss=None, dmd_weight=None,
-                 apply_reflow_loss=None, reflow_loss_weight=None)
+_PCM_ONLY = dict(adv_weight=None, adv_lr=None, adv_head_channels=None, adv_alternate=None, use_dmd_loss=None,
+                 dmd_weight=None, apply_reflow_loss=None, reflow_loss_weight=None)
 
 # The ablation's rows: one recipe per method variant, all with the same data, seeds and step budget.
 METHOD_RECIPES: Dict[str, DemoRecipe] = {
@@ -101,7 +102,8 @@ METHOD_RECIPES: Dict[str, DemoRecipe] = {
     "pcm": DemoRecipe(method="pcm", **_PCM_ONLY),
     "pcm_adv": DemoRecipe(use_dmd_loss=False, apply_reflow_loss=False, dmd_weight=None, reflow_loss_weight=None),
     "pcm_adv_dmd": DemoRecipe(apply_reflow_loss=False, reflow_loss_weight=None),
-    "dmd2": DemoRecipe(method="dmd2", loss_type=None, huber_c=None, adv_weight=None, use_dmd_loss=None,
+    "dmd2": DemoRecipe(method="dmd2", loss_type=None, huber_c=None, adv_weight=None, adv_alternate=None,
+                       use_dmd_loss=None,
                        dmd_weight=None, apply_reflow_loss=None, reflow_loss_weight=None, dmd_fake_score="adapter",
                        dmd_fake_score_updates=2, dmd2_gan_weight=5e-3),
 }
