@@ -1,13 +1,16 @@
 """Training data: LAION metadata filtering, robust readers, resumable sampling, latent cache.
 
 * ``laion_filter``: streaming filter of LAION-aesthetics-v2 metadata (``scripts/filter_laion_aesv2.py``).
-* ``readers`` / ``tar_shards``: three training-set layouts (base64 lines + file list, image + caption
-  folders, img2dataset webdataset tars), each with ``read(index)`` and bad-record reporting.
+* ``download``: the filtered URLs into webdataset tar shards with img2dataset (``scripts/download_laion_images.py``).
+* ``sources``: which layout ``--data_path`` holds and the training stream built from it.
+* ``readers`` / ``tar_shards``: three image layouts (base64 lines + file list, image + caption folders,
+  img2dataset webdataset tars), each with ``read(index)`` and bad-record reporting; tars also stream.
 * ``transforms``: resize / crop / aspect-ratio buckets / normalisation.
 * ``sampler``: distributed batch sampler with ``state_dict`` / ``set_state_dict``.
 * ``datasets``: ``paddle.io`` datasets and ``RobustDataLoader`` (skips and counts bad records).
 * ``bad_records``: the counter and the cap (``max_bad_fraction``).
-* ``cache`` / ``encoders``: VAE-latent and text-embedding cache in safetensors shards.
+* ``cache`` / ``encoders``: VAE-latent and text-embedding cache in safetensors shards; ``cache_builder``: building
+  it from any image layout, resumably, in several processes (``scripts/build_latent_cache.py``).
 """
 from .bad_records import BadRecord, BadRecordCounter, BadRecordError, TooManyBadRecordsError
 from .cache import CachedDataset, build_cache, collate_cached, encode_batch

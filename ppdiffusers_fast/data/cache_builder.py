@@ -10,6 +10,9 @@ atomically. A killed run, started again with the same command, goes on after the
 process has finished, process 0 writes ``cache_index.json`` over all shards (``cache.write_cache_index``), which
 is what makes the folder a cache for training.
 
+Progress: a tqdm bar per process, and VisualDL scalars in ``<output_dir>/logs/r<rank>`` (``cache/records_done``,
+``cache/samples_cached``, ``cache/bad_records``, ``cache/records_per_second``) after every chunk.
+
 Bad records are skipped and counted as in training (``BadRecordCounter``: the run stops once more than
 ``max_bad_fraction`` of at least ``min_records`` records are bad, or when no record at all is good).
 """
@@ -77,7 +80,7 @@ def check_settings(output_dir, settings: CacheSettings) -> None:
 
 
 def encode_part(reader, transform, encode_image: Callable, encode_text: Callable, output_dir,
-                settings: CacheSettings, rank: int = 0, progress: bool = True) -> dict:
+                settings: CacheSettings, rank: int = 0, progress: bool = True, visualdl: bool = True) -> dict:
     """Encode this process's records (``rank::world_size``) into shards; returns its progress record.
 
     Args:
@@ -98,6 +101,13 @@ def encode_part(reader, transform, encode_image: Callable, encode_text: Callable
     dataset = ImageCaptionDataset(reader, transform)
     bar = tqdm(total=len(positions), initial=state["next"], desc=f"encoding (process {rank})", unit="image",
                disable=not progress)
+    writer_log = None
+    if visualdl:
+        from visualdl import LogWriter
+
+        writer_log = LogWriter(logdir=os.path.join(output_dir, "logs", f"r{rank:03d}"), display_name="latent cache")
+    started = time.perf_counter()
+    first_position = state["next"]
     for start in range(state["next"], len(positions), settings.samples_per_shard):
         chunk = positions[start:start + settings.samples_per_shard]
         for first in range(0, len(chunk), settings.batch_size):
@@ -113,7 +123,16 @@ def encode_part(reader, transform, encode_image: Callable, encode_text: Callable
         state.update(next=int(start + len(chunk)), shards=writer.shards, bad_records=counter.state_dict(),
                      text_shapes=writer.text_shapes or state["text_shapes"])
         _write_json(state, path)
+        if writer_log is not None:
+            done = state["next"]
+            scalars = {"records_done": done, "samples_cached": sum(s["num_samples"] for s in writer.shards),
+                       "bad_records": counter.num_bad,
+                       "records_per_second": (done - first_position) / max(time.perf_counter() - started, 1e-9)}
+            for name, value in scalars.items():
+                writer_log.add_scalar(tag=f"cache/{name}", value=float(value), step=done)
     bar.close()
+    if writer_log is not None:
+        writer_log.close()
     return state
 
 

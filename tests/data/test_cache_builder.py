@@ -89,6 +89,7 @@ def test_a_killed_part_resumes_after_its_last_shard(tmp_path, encoders):
     settings = settings_for(reader, world_size=1)
     reference = build_latent_cache(reader, transform, image_encoder, text_encoder, tmp_path / "whole", settings,
                                    progress=False)
+    assert sum(f.stat().st_size for f in (tmp_path / "whole" / "logs" / "r000").rglob("*") if f.is_file()) > 0
 
     killed = CountingEncoder(image_encoder, fail_after=2)  # dies in the second chunk of two records
     with pytest.raises(KeyboardInterrupt):
