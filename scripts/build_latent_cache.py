@@ -82,6 +82,7 @@ def main(argv=None):
     except ValueError as error:  # settings differ from the folder's first run
         print(f"error: {error}", file=sys.stderr)
         return 2
+    dist.finish_distributed()
     if index is not None:
         print(json.dumps({"num_samples": index["num_samples"], "shards": len(index["shards"]),
                           "bad_records": index["bad_records"], "seconds": index["metadata"].get("seconds")}, indent=2))

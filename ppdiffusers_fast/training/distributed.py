@@ -60,6 +60,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def finish_distributed() -> None:
+    """Leave the process group together (a barrier, then ``destroy_process_group``): a rank that exits while its
+    peer is still tearing gloo down can abort (exit code -6) after its work is done."""
+    global _INITIALISED
+    if _INITIALISED:
+        dist.barrier()
+        dist.destroy_process_group()
+        _INITIALISED = False
+
+
 @paddle.no_grad()
 def broadcast_parameters(params: List[paddle.Tensor], src: int = 0) -> None:
     """Copy rank ``src``'s values of ``params`` to every rank."""

@@ -82,5 +82,5 @@ def run_training(config: TrainConfig) -> TrainResult:
         exported = method.export(config.run.output_dir)
         if exported:
             print(f"student LoRA written to {exported}")
-    dist.barrier()
+    dist.finish_distributed()
     return result

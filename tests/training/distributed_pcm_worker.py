@@ -33,8 +33,7 @@ def main(output_dir: str) -> None:
     Trainer(method, latent_stream(num_samples=8, batch_size=2, rank=rank, world_size=world), settings).train()
     arrays = {name: t.numpy() for name, t in method.checkpoint_tensors().items()}
     save_arrays(arrays, Path(output_dir) / f"rank-{rank}.safetensors")
-    dist.barrier()  # leave together: a rank whose peer has already exited can abort in gloo's teardown
-    paddle.distributed.destroy_process_group()
+    dist.finish_distributed()  # leave together: a rank whose peer has already exited can abort in gloo's teardown
 
 
 if __name__ == "__main__":
