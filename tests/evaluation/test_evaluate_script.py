@@ -151,6 +151,21 @@ def test_settings_mismatch_and_bad_inputs_fail_before_work(workspace):
         coco_cli.main(base_args(workspace) + ["--pretrained_model_name_or_path", str(workspace)])
 
 
+def test_several_loras_are_checked_before_work(workspace):
+    lora = workspace / "student_lora.safetensors"
+    make_tiny_student_lora(lora)
+    flux = ["--pretrained_model_name_or_path", str(TINY_FLUX)] + base_args(workspace)[2:]
+    args = coco_cli.build_parser().parse_args(flux + ["--path_to_lora", str(lora), str(lora)])
+    coco_cli.validate_args(args)  # two files, each file's own scale
+    with pytest.raises(ValueError, match="got 3 LoRA scales for 2 LoRA files"):
+        coco_cli.main(flux + ["--path_to_lora", str(lora), str(lora), "--lora_scale", "1", "2", "3"])
+    with pytest.raises(FileNotFoundError, match="--path_to_lora: file not found: .*missing.safetensors"):
+        coco_cli.main(flux + ["--path_to_lora", str(lora), str(workspace / "missing.safetensors")])
+    with pytest.raises(ValueError, match="--lora_scale needs --path_to_lora"):
+        coco_cli.main(flux + ["--lora_scale", "1"])
+    assert not (workspace / "out").exists()
+
+
 def test_script_runs_with_random_weight_inception(workspace):
     from safetensors.numpy import save_file
 
