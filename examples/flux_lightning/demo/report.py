@@ -82,17 +82,19 @@ def teacher_images(teacher: DemoTeacher, eval_set: EvalSet, steps: int, name: Op
 
 
 def student_images(teacher: DemoTeacher, lora_path, eval_set: EvalSet, adapter_name: str, name: str,
-                   note: str = "", live_with: Sequence[str] = ()) -> ImageSet:
+                   note: str = "", live_with: Sequence[str] = (), scale: Optional[float] = None) -> ImageSet:
     """A student LoRA on the teacher's base, sampled with the steps and levels of its metadata.
 
-    ``live_with``: adapters already in the model that stay live with the student (e.g. a style LoRA).
+    ``live_with``: adapters already in the model that stay live with the student (e.g. a style LoRA);
+    ``scale``: the student's scale (default: its metadata's ``lora_scale``).
     """
     metadata = load_lora(teacher.transformer, lora_path, adapter_name)
     sampling = metadata.get("sampling") or {}
     missing = [k for k in ("multiphase", "num_euler_timesteps") if k not in sampling]
     if missing:
         raise ValueError(f"{lora_path}: the LoRA's sampling metadata lacks {missing}")
-    set_adapter_scale(teacher.transformer, adapter_name, float(sampling.get("lora_scale", 1.0)))
+    scale = float(sampling.get("lora_scale", 1.0) if scale is None else scale)
+    set_adapter_scale(teacher.transformer, adapter_name, scale)
     sigmas = schedules.phase_sigmas(int(sampling["multiphase"]), int(sampling["num_euler_timesteps"]),
                                     schedules.resolution_mu(teacher.image_tokens))
     labels, seeds = eval_set.labels_and_seeds

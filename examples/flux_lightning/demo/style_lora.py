@@ -86,8 +86,11 @@ def train_style_lora(teacher, output_path, steps: int = 400, batch_size: int = 3
 
 def evaluate(teacher, classifier, style_lora, student_lora, output_dir, images_per_digit: int = 30,
              reference_seed: int = 1000, eval_seed: int = 20000, batch_size: int = 100,
-             grid_columns: int = 6) -> List[dict]:
-    """The five rows described in the module docstring; writes ``style_results.{md,json}`` and ``style_grid.png``."""
+             grid_columns: int = 6, student_scales: Sequence[Optional[float]] = (None,)) -> List[dict]:
+    """The rows described in the module docstring; writes ``style_results.{md,json}`` and ``style_grid.png``.
+
+    ``student_scales``: one student row per scale (None: the scale of its metadata).
+    """
     from .report import EvalSet, ImageSet, save_comparison_grid, student_images, teacher_images
     from .metrics import adherence, feature_fid
 
@@ -101,8 +104,10 @@ def evaluate(teacher, classifier, style_lora, student_lora, output_dir, images_p
         rows.append(teacher_images(teacher, eval_set, 50, "teacher + style, 50 Euler steps, other seeds "
                                                            "(noise floor)"))
         rows.append(teacher_images(teacher, eval_set, 4, "teacher + style, 4 Euler steps"))
-    rows.append(student_images(teacher, student_lora, eval_set, STUDENT_ADAPTER,
-                               "teacher + style + 4-step student", live_with=(STYLE_ADAPTER,)))
+    for index, scale in enumerate(student_scales):
+        label = "teacher + style + 4-step student" + ("" if scale is None else f" at scale {scale:g}")
+        rows.append(student_images(teacher, student_lora, eval_set, f"{STUDENT_ADAPTER}_{index}", label,
+                                   live_with=(STYLE_ADAPTER,), scale=scale))
     with use_adapters(teacher.transformer):
         rows.append(teacher_images(teacher, eval_set, 50, "teacher without style, 50 Euler steps"))
 
@@ -116,8 +121,8 @@ def evaluate(teacher, classifier, style_lora, student_lora, output_dir, images_p
             "fid_vs_reference": 0.0 if row is reference else feature_fid(classifier, row.images, reference.images),
             "adherence": adherence(classifier, row.images, row.labels), "seconds_per_image": row.seconds_per_image,
             "images": len(row.labels)})
-    save_comparison_grid(output_dir / "style_grid.png", [reference] + rows, min(grid_columns, images_per_digit),
-                         images_per_digit)
+    panels = [reference] + rows[:3] + rows[-1:]  # reference, noise floor, 4 Euler, first student row, no style
+    save_comparison_grid(output_dir / "style_grid.png", panels, min(grid_columns, images_per_digit), images_per_digit)
     payload = {"rows": table, "style_lora": {"file": str(style_lora), "modules": len(style_info["modules"])},
                "student_lora": str(student_lora), "images_per_digit": images_per_digit,
                "reference_seed": reference_seed, "eval_seed": eval_seed}
@@ -156,6 +161,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images_per_digit", type=int, default=30, help="evaluation images per digit and row")
+    p.add_argument("--student_scales", type=float, nargs="+", default=None,
+                   help="one student row per scale (default: the scale of the student's metadata)")
     args = p.parse_args(argv)
     for path in (args.student_lora, args.style_lora):
         if path is not None and not Path(path).is_file():
@@ -172,6 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"style LoRA {style_lora}: {json.dumps(training)}")
     teacher = DemoTeacher.from_folder(args.teacher)  # a fresh base: the style LoRA is loaded from its file
     classifier = load_classifier(Path(args.teacher) / CLASSIFIER_WEIGHTS_NAME, teacher.resolution)
-    table = evaluate(teacher, classifier, style_lora, args.student_lora, output_dir, args.images_per_digit)
+    table = evaluate(teacher, classifier, style_lora, args.student_lora, output_dir, args.images_per_digit,
+                     student_scales=args.student_scales or (None,))
     print(markdown_table(table))
     return {"training": training, "rows": table}
