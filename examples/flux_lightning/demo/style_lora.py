@@ -15,7 +15,8 @@ carrying a separately trained style LoRA. Steps:
    teacher + style at 50 steps on the evaluation seeds (the noise floor of the distance),
    teacher + style at 4 Euler steps, teacher + style + student at the student's 4 phase-edge steps (both adapters
    live: ``W x + sum_a s_a (alpha_a / r_a) A_a B_a x``; conditional only, as the student samples), and the teacher
-   without style at 50 steps (how far the style moves the statistic).
+   without style at 50 steps (how far the style moves the statistic). ``--without_style`` runs the same rows on the
+   plain teacher (the control: what the student gains without a style LoRA).
 
 Per row: the style statistic **ink coverage** (mean ink ``k`` over all pixels of all images; bold strokes raise
 it), its relative difference to the reference, the distribution FID (digit-classifier features, ``metrics.py``)
@@ -89,27 +90,31 @@ def evaluate(teacher, classifier, style_lora, student_lora, output_dir, images_p
              grid_columns: int = 6, student_scales: Sequence[Optional[float]] = (None,)) -> List[dict]:
     """The rows described in the module docstring; writes ``style_results.{md,json}`` and ``style_grid.png``.
 
-    ``student_scales``: one student row per scale (None: the scale of its metadata).
+    ``student_scales``: one student row per scale (None: the scale of its metadata). ``style_lora=None``: the same
+    protocol on the plain teacher (the control), written as ``without_style_results.*`` / ``without_style_grid.png``.
     """
     from .report import EvalSet, ImageSet, save_comparison_grid, student_images, teacher_images
     from .metrics import adherence, feature_fid
 
     output_dir = Path(output_dir)
-    style_info = import_lora(teacher.transformer, style_lora, STYLE_ADAPTER)
+    styled = style_lora is not None
+    style = (STYLE_ADAPTER,) if styled else ()
+    base = "teacher + style" if styled else "teacher"
+    style_modules = len(import_lora(teacher.transformer, style_lora, STYLE_ADAPTER)["modules"]) if styled else 0
     reference_set = EvalSet(images_per_digit, reference_seed, batch_size)
     eval_set = reference_set.with_seeds(eval_seed)
     rows: List[ImageSet] = []
-    with use_adapters(teacher.transformer, STYLE_ADAPTER):
-        reference = teacher_images(teacher, reference_set, 50, "teacher + style, 50 Euler steps (reference)")
-        rows.append(teacher_images(teacher, eval_set, 50, "teacher + style, 50 Euler steps, other seeds "
-                                                           "(noise floor)"))
-        rows.append(teacher_images(teacher, eval_set, 4, "teacher + style, 4 Euler steps"))
+    with use_adapters(teacher.transformer, *style):
+        reference = teacher_images(teacher, reference_set, 50, f"{base}, 50 Euler steps (reference)")
+        rows.append(teacher_images(teacher, eval_set, 50, f"{base}, 50 Euler steps, other seeds (noise floor)"))
+        rows.append(teacher_images(teacher, eval_set, 4, f"{base}, 4 Euler steps"))
     for index, scale in enumerate(student_scales):
-        label = "teacher + style + 4-step student" + ("" if scale is None else f" at scale {scale:g}")
+        label = f"{base} + 4-step student" + ("" if scale is None else f" at scale {scale:g}")
         rows.append(student_images(teacher, student_lora, eval_set, f"{STUDENT_ADAPTER}_{index}", label,
-                                   live_with=(STYLE_ADAPTER,), scale=scale))
-    with use_adapters(teacher.transformer):
-        rows.append(teacher_images(teacher, eval_set, 50, "teacher without style, 50 Euler steps"))
+                                   live_with=style, scale=scale))
+    if styled:
+        with use_adapters(teacher.transformer):
+            rows.append(teacher_images(teacher, eval_set, 50, "teacher without style, 50 Euler steps"))
 
     ink_reference = ink_coverage(reference.images)
     table = []
@@ -121,13 +126,15 @@ def evaluate(teacher, classifier, style_lora, student_lora, output_dir, images_p
             "fid_vs_reference": 0.0 if row is reference else feature_fid(classifier, row.images, reference.images),
             "adherence": adherence(classifier, row.images, row.labels), "seconds_per_image": row.seconds_per_image,
             "images": len(row.labels)})
-    panels = [reference] + rows[:3] + rows[-1:]  # reference, noise floor, 4 Euler, first student row, no style
-    save_comparison_grid(output_dir / "style_grid.png", panels, min(grid_columns, images_per_digit), images_per_digit)
-    payload = {"rows": table, "style_lora": {"file": str(style_lora), "modules": len(style_info["modules"])},
+    stem = "style" if styled else "without_style"
+    panels = [reference] + rows[:3] + (rows[-1:] if styled else [])  # ..., the first student row, no style
+    save_comparison_grid(output_dir / f"{stem}_grid.png", panels, min(grid_columns, images_per_digit),
+                         images_per_digit)
+    payload = {"rows": table, "style_lora": {"file": str(style_lora), "modules": style_modules} if styled else None,
                "student_lora": str(student_lora), "images_per_digit": images_per_digit,
                "reference_seed": reference_seed, "eval_seed": eval_seed}
-    (output_dir / "style_results.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
-    (output_dir / "style_results.md").write_text(markdown_table(table) + "\n", encoding="utf-8")
+    (output_dir / f"{stem}_results.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    (output_dir / f"{stem}_results.md").write_text(markdown_table(table) + "\n", encoding="utf-8")
     return table
 
 
@@ -161,6 +168,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images_per_digit", type=int, default=30, help="evaluation images per digit and row")
+    p.add_argument("--without_style", action="store_true",
+                   help="no style LoRA: the same rows on the plain teacher (the control; nothing is trained)")
     p.add_argument("--student_scales", type=float, nargs="+", default=None,
                    help="one student row per scale (default: the scale of the student's metadata)")
     args = p.parse_args(argv)
@@ -171,7 +180,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     training = None
     style_lora = Path(args.style_lora) if args.style_lora else output_dir / "style_lora.safetensors"
-    if args.style_lora is None:
+    if args.without_style:
+        style_lora = None
+    elif args.style_lora is None:
         teacher = DemoTeacher.from_folder(args.teacher)
         training = train_style_lora(teacher, style_lora, args.max_train_steps, args.train_batch_size,
                                     args.learning_rate, args.rank, args.seed)
