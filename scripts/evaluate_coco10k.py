@@ -8,7 +8,10 @@ optional FID vs real images -> results.json + results.md with the protocol.
 
 Rerunning the same command skips every finished step. See ``python scripts/evaluate_coco10k.py --help``.
 """
-from ppdiffusers_fast.evaluation.coco_cli import main
+from ppdiffusers_fast.command_line import quiet_third_party, run_command
+
+quiet_third_party()  # before paddle is imported; --verbose keeps the third-party warnings
+from ppdiffusers_fast.evaluation.coco_cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -13,8 +13,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ppdiffusers_fast.command_line import quiet_third_party, run_command  # noqa: E402
+
+quiet_third_party()  # before paddle is imported; --verbose keeps the third-party warnings
 from demo.generation import fill_demo_defaults  # noqa: E402  (the demo package sits next to this file)
 from ppdiffusers_fast.inference.generate_cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    main(fill_defaults=fill_demo_defaults)
+    run_command(lambda argv: main(argv, fill_defaults=fill_demo_defaults))

@@ -5,17 +5,21 @@ teacher/student over ``--pretrained_model_name_or_path`` (+ ``--path_to_lora``),
 ``--generate_fn file.py:make`` where ``make(role, num_inference_steps, height, width, guidance_scale)``
 returns ``generate_fn(prompts, seeds) -> images`` (``role`` is ``"teacher"`` or ``"student"``).
 """
-import argparse
 import json
 import os
+import sys
 
+from ..command_line import CommandLineParser, UsageError, check_output_dir
 from .coco_benchmark import EvaluationConfig, run_coco_evaluation
 from .generate import LazyGenerateFn
 from .hashing import HashCache, folder_fingerprint, sha256_file
 
 
+DEFAULT_STUDENT_STEPS = 4  # without a LoRA that records its K
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description="COCO-10k evaluation: FID-FLUX (student vs 50-step teacher), "
+    parser = CommandLineParser(description="COCO-10k evaluation: FID-FLUX (student vs 50-step teacher), "
                                                  "CLIP score, optional FID vs real images.")
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", default=None, help="local FLUX.1 folder (diffusers layout)")
@@ -36,7 +40,8 @@ def build_parser():
     prompts.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     prompts.add_argument("--height", type=int, default=1024)
     prompts.add_argument("--width", type=int, default=1024)
-    prompts.add_argument("--student_steps", type=int, default=4)
+    prompts.add_argument("--student_steps", type=int, default=None,
+                         help="student sampling steps (default: the K the LoRA was trained for, else 4)")
     prompts.add_argument("--teacher_steps", type=int, default=50)
     prompts.add_argument("--guidance_scale", type=float, default=3.5)
     prompts.add_argument("--batch_size", type=int, default=4, help="generation batch size")
@@ -76,13 +81,23 @@ def validate_args(args):
     if args.lora_scale and not args.path_to_lora:
         raise ValueError("--lora_scale needs --path_to_lora")
     if args.path_to_lora:
-        from ..models.lora_io import combine_sampling, sampling_settings
+        from ..models.lora_io import check_lora_values, combine_sampling, sampling_settings
         from ..pipelines.pipeline_flux import pair_lora_scales
 
         for path in args.path_to_lora:
             _require_file(path, "--path_to_lora", (".safetensors",))
         pair_lora_scales(args.path_to_lora, args.lora_scale)
-        combine_sampling([sampling_settings(path) for path in args.path_to_lora])
+        sampling, _ = combine_sampling([sampling_settings(path) for path in args.path_to_lora])
+        for path in args.path_to_lora:
+            check_lora_values(path)
+        trained = sampling.get("num_inference_steps")
+        if args.student_steps is None and trained:
+            args.student_steps = int(trained)
+        elif trained and args.student_steps != int(trained):
+            print(f"warning: the LoRA was trained for {int(trained)} steps (its phase edges); sampling "
+                  f"{args.student_steps} steps uses generic levels instead", file=sys.stderr)
+    if args.student_steps is None:
+        args.student_steps = DEFAULT_STUDENT_STEPS
     if args.captions_file:
         _require_file(args.captions_file, "--captions_file", (".json", ".tsv", ".txt"))
     elif not os.path.isfile(os.path.join(args.output_dir, "prompts.json")):
@@ -101,6 +116,12 @@ def validate_args(args):
     for flag in ("num_prompts", "height", "width", "student_steps", "teacher_steps", "batch_size", "feature_batch_size"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    for flag in ("seed", "prompt_seed"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    for flag in ("height", "width"):
+        if getattr(args, flag) % 16:
+            raise ValueError(f"--{flag} {getattr(args, flag)} is not a multiple of 16")
 
 
 def _custom_spec_identity(spec, cache):
@@ -173,8 +194,11 @@ def build_metrics(args, cache):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    validate_args(args)
-    os.makedirs(args.output_dir, exist_ok=True)
+    try:
+        validate_args(args)
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
+    check_output_dir(args.output_dir)
     cache = HashCache(os.path.join(args.output_dir, "hash_cache.json"))
     teacher, student, identities = build_generators(args, cache)
     extractor_factory, extractor_identity, clip_factory, clip_identity = build_metrics(args, cache)

@@ -6,6 +6,7 @@ Paddle Inference predictor), writes one PNG per image and, with ``--benchmark``,
 and per transformer call after warm-up runs.
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,9 @@ from typing import Callable, List, Optional
 
 import paddle
 
+from ..command_line import CommandLineParser, UsageError, check_output_dir, run_command
+
+DEFAULT_STEPS = 4  # without a LoRA that records its K
 FLUX_DEFAULTS = {"height": 1024, "width": 1024, "max_sequence_length": 512, "true_cfg_scale": 1.0}
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon, highly detailed"
 
@@ -25,7 +29,7 @@ class NonEmptyPaths(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Text-to-image with FLUX and a few-step (FLUX-Lightning) LoRA.")
+    p = CommandLineParser(description="Text-to-image with FLUX and a few-step (FLUX-Lightning) LoRA.")
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="local FLUX.1-dev-layout folder (model_index.json, transformer/, vae/, text encoders, ...)")
     p.add_argument("--path_to_lora", nargs="+", action=NonEmptyPaths, default=None, metavar="LORA",
@@ -34,14 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_scale", type=float, nargs="+", default=None, metavar="SCALE",
                    help="LoRA multipliers: one for all files or one per file, in file order (default: each file's "
                         "metadata, else 1)")
-    p.add_argument("--prompt", default=None, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--prompt", default=None, help=f"text prompt, used as given (\"\" is the empty prompt; "
+                                                  f"default: {DEFAULT_PROMPT!r})")
     p.add_argument("--prompt_file", default=None, help="text file with one prompt per line (blank lines skipped)")
     p.add_argument("--negative_prompt", default=None, help="negative prompt (used when --true_cfg_scale > 1)")
     p.add_argument("--true_cfg_scale", type=float, default=None,
                    help="classifier-free guidance scale (default 1 = off)")
     p.add_argument("--height", type=int, default=None, help="image height, a multiple of 16 (default 1024)")
     p.add_argument("--width", type=int, default=None, help="image width, a multiple of 16 (default 1024)")
-    p.add_argument("--step", type=int, default=4, help="sampling steps (the LoRA's phase edges when they match)")
+    p.add_argument("--step", type=int, default=None,
+                   help="sampling steps (default: the K the LoRA was trained for, from its metadata, else 4)")
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="embedded guidance (default: the LoRA's, else 3.5)")
     p.add_argument("--seed", type=int, default=42, help="seed of the first image; image i uses seed + i")
@@ -91,13 +97,25 @@ def _synchronize():
 
 
 def check_model_given(args) -> None:
-    """Exit with the flags to pass when no model folder was given."""
+    """The model folder is given, has the FLUX.1-dev layout and its JSON configs parse (:class:`UsageError`)."""
+    from ..pipelines.flux_folder import SUBFOLDERS, FluxFolderError, check_flux_folder
+
     if args.pretrained_model_name_or_path is None:
-        sys.exit("error: no model given.\nPass a local FLUX.1-dev-layout folder and the student LoRA, e.g.\n"
-                 "  --pretrained_model_name_or_path /path/to/FLUX.1-dev "
-                 "--path_to_lora /path/to/flux_lightning_lora.safetensors\n"
-                 "(the folder holds model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/, "
-                 "tokenizer/, tokenizer_2/, scheduler/)")
+        raise UsageError("no model given: pass --pretrained_model_name_or_path /path/to/FLUX.1-dev (a folder with "
+                         "model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, "
+                         "tokenizer_2/, scheduler/) and --path_to_lora /path/to/flux_lightning_lora.safetensors")
+    try:
+        folder = check_flux_folder(args.pretrained_model_name_or_path)
+    except FluxFolderError as error:
+        raise UsageError(f"--pretrained_model_name_or_path: {error}") from None
+    configs = [folder / "model_index.json"] + [folder / sub / config for sub, (config, _, _) in SUBFOLDERS.items()
+                                               if config and config.endswith(".json")]
+    for file in configs:
+        try:
+            if not isinstance(json.loads(file.read_text(encoding="utf-8")), dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as error:
+            raise UsageError(f"--pretrained_model_name_or_path: {file} is not a valid JSON config ({error})") from None
 
 
 def apply_flux_defaults(args) -> None:
@@ -108,15 +126,20 @@ def apply_flux_defaults(args) -> None:
 
 
 def read_prompts(args) -> List[str]:
+    """The prompts of ``--prompt_file`` (then ``--prompt``), or ``--prompt`` as given ("" is a prompt too)."""
     if args.prompt_file:
         path = Path(args.prompt_file)
         if not path.is_file():
-            sys.exit(f"error: --prompt_file {path} does not exist")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            raise UsageError(f"--prompt_file {path} does not exist")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            raise UsageError(f"--prompt_file {path} is not UTF-8 text ({error})") from None
+        prompts = [line.strip() for line in lines if line.strip()]
         if not prompts:
-            sys.exit(f"error: --prompt_file {path} holds no prompt")
-        return prompts + ([args.prompt] if args.prompt else [])
-    return [args.prompt or DEFAULT_PROMPT]
+            raise UsageError(f"--prompt_file {path} holds no prompt")
+        return prompts + ([args.prompt] if args.prompt is not None else [])
+    return [DEFAULT_PROMPT if args.prompt is None else args.prompt]
 
 
 def build_pipeline(args):
@@ -126,10 +149,10 @@ def build_pipeline(args):
     dtype = args.dtype or ("bfloat16" if paddle.get_device().startswith("gpu") else "float32")
     if args.predictor_precision == "bfloat16":
         if not args.inference_optimize:
-            sys.exit("error: --predictor_precision bfloat16 needs --inference_optimize")
+            raise UsageError("--predictor_precision bfloat16 needs --inference_optimize")
         if not bfloat16_available() or dtype != "float32":
-            sys.exit("error: --predictor_precision bfloat16 needs a CPU with native bfloat16 (AMX / AVX512-BF16), "
-                     "a Paddle build with oneDNN and float32 weights (--dtype float32)")
+            raise UsageError("--predictor_precision bfloat16 needs a CPU with native bfloat16 (AMX / AVX512-BF16), "
+                             "a Paddle build with oneDNN and float32 weights (--dtype float32)")
     pipe = FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype)
     if args.path_to_lora:
         pipe.load_loras(args.path_to_lora, args.lora_scale)
@@ -179,20 +202,54 @@ def run_benchmark(pipe, args, prompts: List[str]) -> dict:
     return {"output": output, **stats}
 
 
-def check_loras(args) -> None:
-    """Before any model loads: every LoRA file exists, the scales pair up, at most one set of sampling settings."""
-    from ..models.lora_io import combine_sampling, sampling_settings
+def check_loras(args) -> dict:
+    """Before any model loads: every LoRA file exists and holds finite values, the scales pair up, at most one
+    set of sampling settings. Returns those settings (``{}`` without them)."""
+    from ..models.lora_io import check_lora_values, combine_sampling, sampling_settings
     from ..pipelines.pipeline_flux import pair_lora_scales
 
     if args.lora_scale and not args.path_to_lora:
-        sys.exit("error: --lora_scale needs --path_to_lora")
+        raise UsageError("--lora_scale needs --path_to_lora")
     if not args.path_to_lora:
-        return
+        return {}
     try:
         pair_lora_scales(args.path_to_lora, args.lora_scale)
-        combine_sampling([sampling_settings(path) for path in args.path_to_lora])
+        sampling, _ = combine_sampling([sampling_settings(path) for path in args.path_to_lora])
+        for path in args.path_to_lora:
+            check_lora_values(path)
     except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+        raise UsageError(str(error)) from None
+    return sampling
+
+
+def resolve_step(args, sampling: dict) -> None:
+    """``--step`` defaults to the K the LoRA was trained for; an explicit other value is used with a warning."""
+    trained = sampling.get("num_inference_steps")
+    if args.step is None:
+        args.step = int(trained) if trained else DEFAULT_STEPS
+    elif trained and args.step != int(trained):
+        print(f"warning: the LoRA was trained for {int(trained)} steps (its phase edges); sampling {args.step} "
+              f"steps uses generic levels instead", file=sys.stderr)
+
+
+def check_arguments(args) -> None:
+    """Every flag and input file, before any model is loaded (:class:`UsageError` naming the flag)."""
+    apply_flux_defaults(args)
+    for name in ("height", "width"):
+        if getattr(args, name) <= 0 or getattr(args, name) % 16:
+            raise UsageError(f"--{name} {getattr(args, name)} is not a positive multiple of 16 "
+                             "(FLUX packs 2x2 latent pixels of an 8x downsampling VAE)")
+    for name, low in (("step", 1), ("num_images", 1), ("seed", 0), ("max_sequence_length", 1), ("warmup", 0),
+                      ("repeats", 1)):
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            raise UsageError(f"--{name} must be >= {low}, got {getattr(args, name)}")
+    if args.true_cfg_scale < 1.0:
+        raise UsageError(f"--true_cfg_scale must be >= 1 (1 = off), got {args.true_cfg_scale}")
+    check_model_given(args)
+    resolve_step(args, check_loras(args))
+    if args.prompt_file:
+        read_prompts(args)
+    check_output_dir(args.output_dir)
 
 
 def main(argv: Optional[List[str]] = None, fill_defaults: Optional[Callable] = None) -> List[Path]:
@@ -203,13 +260,7 @@ def main(argv: Optional[List[str]] = None, fill_defaults: Optional[Callable] = N
     args = build_parser().parse_args(argv)
     if fill_defaults is not None:
         fill_defaults(args)
-    check_model_given(args)
-    check_loras(args)
-    apply_flux_defaults(args)
-    for name in ("height", "width"):
-        if getattr(args, name) <= 0 or getattr(args, name) % 16:
-            sys.exit(f"error: --{name} {getattr(args, name)} is not a positive multiple of 16 "
-                     "(FLUX packs 2x2 latent pixels of an 8x downsampling VAE)")
+    check_arguments(args)
     prompts = read_prompts(args)
     pipe = build_pipeline(args)
     if args.benchmark:
@@ -228,4 +279,4 @@ def main(argv: Optional[List[str]] = None, fill_defaults: Optional[Callable] = N
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

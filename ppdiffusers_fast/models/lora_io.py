@@ -580,6 +580,11 @@ def sampling_settings(path) -> Tuple[Path, dict]:
     return path, dict(_our_metadata(metadata, path)["sampling"] or {})
 
 
+def check_lora_values(path) -> Path:
+    """Read every tensor of a LoRA file and check it is finite (for checks before loading a model)."""
+    return read_safetensors(path)[2]
+
+
 def combine_sampling(files: List[Tuple[Path, dict]]) -> Tuple[dict, Optional[Path]]:
     """The sampling settings of several LoRA files used together, and the file they come from.
 
@@ -633,6 +638,6 @@ def import_lora(model: nn.Layer, path, adapter_name: str, dropout: float = 0.0) 
     return install_lora_file(model, read_lora_file(path), adapter_name, dropout)
 
 
-__all__ = ["save_lora", "load_lora", "export_diffusers_lora", "import_lora", "detect_lora_style", "kohya_targets",
-           "read_safetensors", "check_updates", "install_updates", "LoraUpdate", "SAMPLING_KEYS", "STYLES",
+__all__ = ["check_lora_values", "save_lora", "load_lora", "export_diffusers_lora", "import_lora", "detect_lora_style",
+           "kohya_targets", "read_safetensors", "check_updates", "install_updates", "LoraUpdate", "SAMPLING_KEYS", "STYLES",
            "LoraFile", "read_lora_file", "install_lora_file", "sampling_settings", "combine_sampling"]

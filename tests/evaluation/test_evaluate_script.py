@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ppdiffusers_fast.command_line import UsageError
 from ppdiffusers_fast.evaluation import coco_cli
 from ppdiffusers_fast.evaluation.clip_score import ClipEmbedder, cosine_similarities
 from ppdiffusers_fast.evaluation.features import load_custom_extractor
@@ -145,7 +146,7 @@ def test_settings_mismatch_and_bad_inputs_fail_before_work(workspace):
     assert read_calls(workspace) == before
     with pytest.raises(ValueError, match="needs --inception_weights"):
         coco_cli.main(base_args(workspace) + ["--feature_extractor", "inception"])
-    with pytest.raises(FileNotFoundError, match="--path_to_lora"):
+    with pytest.raises(UsageError, match="--path_to_lora"):
         coco_cli.main(base_args(workspace) + ["--path_to_lora", str(workspace / "missing.safetensors")])
     with pytest.raises(ValueError, match="exactly one of"):
         coco_cli.main(base_args(workspace) + ["--pretrained_model_name_or_path", str(workspace)])
@@ -254,3 +255,39 @@ def test_end_to_end_with_tiny_flux_pipeline(workspace, monkeypatch):
     # Rerun: everything cached, the pipeline is not even loaded.
     rerun = coco_cli.main(args)
     assert len(loads) == 1 and rerun["metrics"] == results["metrics"] and not any(rerun["work"].values())
+
+
+def test_user_errors_are_one_line_and_student_steps_follow_the_lora(workspace, capsys):
+    import paddle
+
+    from ppdiffusers_fast.command_line import run_command
+    from ppdiffusers_fast.models import lora as lora_lib
+    from ppdiffusers_fast.models import lora_io
+    from ppdiffusers_fast.models.weights import load_flux_transformer
+
+    flux = ["--pretrained_model_name_or_path", str(TINY_FLUX), "--captions_file", str(workspace / "captions.tsv"),
+            "--feature_extractor", f"{workspace / 'extractor.py'}:build", "--output_dir", str(workspace / "out")]
+    transformer = load_flux_transformer(TINY_FLUX / "transformer")
+    lora_lib.inject_lora(transformer, lora_lib.LoraConfig(rank=2, alpha=2.0, target_modules=("to_q",)), "student")
+    good, bad = workspace / "k2.safetensors", workspace / "nan.safetensors"
+    lora_io.save_lora(transformer, "student", good, sampling={"num_inference_steps": 2, "multiphase": 2})
+    from safetensors.numpy import load_file, save_file
+    with open(good, "rb") as handle:
+        metadata = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))["__metadata__"]
+    save_file({k: np.full_like(v, np.inf) for k, v in load_file(str(good)).items()}, str(bad), metadata=metadata)
+    cases = {"--seed must be >= 0, got -1": base_args(workspace) + ["--seed", "-1"],
+             "--output_dir /proc/x is not a writable folder": base_args(workspace) + ["--output_dir", "/proc/x"],
+             "nan.safetensors holds NaN or infinite values": flux + ["--path_to_lora", str(bad)],
+             "argument --num_prompts: invalid int value": base_args(workspace) + ["--num_prompts", "many"]}
+    for expected, argv in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            run_command(coco_cli.main, argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        assert expected in err, (expected, err)
+    args = coco_cli.build_parser().parse_args(flux + ["--path_to_lora", str(good)])
+    coco_cli.validate_args(args)
+    assert args.student_steps == 2 and "warning" not in capsys.readouterr().err
+    args = coco_cli.build_parser().parse_args(flux + ["--path_to_lora", str(good), "--student_steps", "4"])
+    coco_cli.validate_args(args)
+    assert args.student_steps == 4 and "the LoRA was trained for 2 steps" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ppdiffusers_fast.command_line import UsageError, run_command
 from ppdiffusers_fast.inference import generate_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,15 +70,13 @@ def write_prompts(tmp_path):
 
 
 def test_without_model_says_what_to_pass():
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(UsageError) as error:
         generate_cli.main([])
-    assert exit_info.value.code != 0
-    message = str(exit_info.value.code)
-    assert "--pretrained_model_name_or_path" in message and "--path_to_lora" in message
+    assert "--pretrained_model_name_or_path" in str(error.value) and "--path_to_lora" in str(error.value)
 
 
 def test_size_not_multiple_of_16_is_refused_before_loading(tmp_path):
-    with pytest.raises(SystemExit, match="--height 40 is not a positive multiple of 16"):
+    with pytest.raises(UsageError, match="--height 40 is not a positive multiple of 16"):
         generate_cli.main(["--pretrained_model_name_or_path", str(tmp_path / "absent"), "--height", "40"])
 
 
@@ -105,7 +104,7 @@ def test_lora_metadata_and_compiled_student(tmp_path, capsys):
 
 
 def test_bfloat16_predictor_needs_inference_optimize():
-    with pytest.raises(SystemExit, match="needs --inference_optimize"):
+    with pytest.raises(UsageError, match="needs --inference_optimize"):
         generate_cli.main(COMMON + ["--predictor_precision", "bfloat16"])
 
 
@@ -119,3 +118,80 @@ def test_bfloat16_predictor_writes_close_pngs(dygraph_pngs, tmp_path):
     assert [Path(p).name for p in paths] == ["000_seed7.png", "001_seed8.png"]
     for mine, reference in zip(paths, dygraph_pngs):
         assert np.abs(pixels(mine) - pixels(reference)).max() <= 16  # bfloat16 rounding in the matrix products
+
+
+def _student_lora(path, sampling_steps=2, value=0.05):
+    import paddle
+
+    from ppdiffusers_fast.models.lora import LoraConfig, inject_lora, layers_with_adapter
+    from ppdiffusers_fast.models.lora_io import save_lora
+    from ppdiffusers_fast.models.weights import load_flux_transformer
+
+    model = load_flux_transformer(FOLDER / "transformer")
+    inject_lora(model, LoraConfig(rank=2, alpha=2.0, target_modules=("attn.to_k",)), "student")
+    for _, layer in layers_with_adapter(model, "student"):
+        b = layer.lora_adapters["student"].lora_B
+        b.set_value(paddle.full(b.shape, value))
+    save_lora(model, "student", path, sampling=dict(num_inference_steps=sampling_steps, multiphase=sampling_steps,
+                                                    num_euler_timesteps=10, guidance_scale=3.0))
+    return path
+
+
+def test_every_user_error_is_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    from safetensors.numpy import load_file, save_file
+
+    from ppdiffusers_fast.pipelines import pipeline_flux
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(pipeline_flux.FluxPipeline, "from_pretrained", no_loading)
+    lora = _student_lora(tmp_path / "student.safetensors")
+    with open(lora, "rb") as handle:  # keep its metadata, fill its tensors with NaN
+        import json
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    tensors = {k: np.full_like(v, np.nan) for k, v in load_file(str(lora)).items()}
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=header["__metadata__"])
+    out = ["--output_dir", str(tmp_path / "out")]
+    cases = {"--seed must be >= 0, got -1": COMMON + out + ["--seed", "-1"],
+             "--step must be >= 1, got 0": COMMON + out + ["--step", "0"],
+             "--num_images must be >= 1, got 0": COMMON + out + ["--num_images", "0"],
+             "nan.safetensors holds NaN or infinite values": COMMON + out + ["--path_to_lora",
+                                                                           str(tmp_path / "nan.safetensors")],
+             "--output_dir /proc/x is not a writable folder": COMMON + ["--output_dir", "/proc/x"],
+             "model_index.json": ["--pretrained_model_name_or_path", str(tmp_path)] + out,
+             "argument --seed: invalid int value": COMMON + out + ["--seed", "x"]}
+    for expected, argv in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            run_command(generate_cli.main, argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        assert expected in err, (expected, err)
+
+
+def test_step_defaults_to_the_loras_k_and_an_explicit_other_value_warns(tmp_path, capsys):
+    lora = str(_student_lora(tmp_path / "student.safetensors", sampling_steps=2))
+    base = [a for a in COMMON if a not in ("--step", "3")] + ["--output_dir", str(tmp_path / "out")]
+    args = generate_cli.build_parser().parse_args(base + ["--path_to_lora", lora])
+    generate_cli.check_arguments(args)
+    assert args.step == 2 and "warning" not in capsys.readouterr().err
+    args = generate_cli.build_parser().parse_args(base + ["--path_to_lora", lora, "--step", "4"])
+    generate_cli.check_arguments(args)
+    assert args.step == 4
+    assert "warning: the LoRA was trained for 2 steps" in capsys.readouterr().err
+    args = generate_cli.build_parser().parse_args(base)
+    generate_cli.check_arguments(args)
+    assert args.step == generate_cli.DEFAULT_STEPS  # no LoRA: no K to follow
+
+
+def test_empty_prompt_is_used_as_given(tmp_path, monkeypatch):
+    args = generate_cli.build_parser().parse_args(COMMON[:2] + ["--prompt", ""])
+    assert generate_cli.read_prompts(args) == [""]
+    seen = []
+    real_generate = generate_cli.generate
+    monkeypatch.setattr(generate_cli, "generate", lambda pipe, args, prompts: seen.append(prompts) or
+                        real_generate(pipe, args, prompts))
+    argv = [a if a != "a cat on a chair" else "" for a in COMMON] + ["--num_images", "1", "--output_dir",
+                                                                       str(tmp_path)]
+    paths = generate_cli.main(argv)
+    assert seen == [[""]] and len(paths) == 1
