@@ -10,6 +10,7 @@ import paddle
 import pytest
 from PIL import Image
 
+from ppdiffusers_fast.command_line import UsageError
 from ppdiffusers_fast.inference import generate_cli
 from ppdiffusers_fast.models.lora import LoraConfig, inject_lora, layers_with_adapter, live_adapters
 from ppdiffusers_fast.models.lora_io import export_diffusers_lora, save_lora
@@ -157,9 +158,9 @@ def test_generation_cli_checks_loras_before_loading_the_model(loras, tmp_path, m
     write_lora(other, ("attn.to_k",), seed=2, sampling=dict(STUDENT_SAMPLING, guidance_scale=3.5))
     base = ["--pretrained_model_name_or_path", str(FOLDER), "--output_dir", str(tmp_path), "--path_to_lora",
             str(loras["folder"] / "student.safetensors"), str(loras["folder"] / "style.safetensors")]
-    with pytest.raises(SystemExit, match="got 3 LoRA scales for 2 LoRA files"):
+    with pytest.raises(UsageError, match="got 3 LoRA scales for 2 LoRA files"):
         generate_cli.main(base + ["--lora_scale", "1", "2", "3"])
-    with pytest.raises(SystemExit, match=r"student\.safetensors and .*other\.safetensors .*guidance_scale: 2.0 vs 3.5"):
+    with pytest.raises(UsageError, match=r"student\.safetensors and .*other\.safetensors .*guidance_scale: 2.0 vs 3.5"):
         generate_cli.main(base[:-1] + [str(other)])
-    with pytest.raises(SystemExit, match="missing.safetensors"):
+    with pytest.raises(UsageError, match="missing.safetensors"):
         generate_cli.main(base + [str(tmp_path / "missing.safetensors")])

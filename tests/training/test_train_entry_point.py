@@ -136,3 +136,18 @@ def test_raw_records_are_encoded_on_the_fly_with_the_teacher_folder(tmp_path, en
     assert (out / "pcm_lora.safetensors").is_file()
     state = ckpt.load_rank_state(out / "checkpoint-2", 0)["data"]
     assert state["sampler"]["position"] == 2 and state["bad_records"]["num_good"] == 4
+
+
+def test_third_party_noise_is_hidden_unless_verbose(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    quiet = subprocess.run([sys.executable, str(SCRIPT), "--help"], env=env, capture_output=True, text=True,
+                           cwd=tmp_path, timeout=300)
+    assert quiet.returncode == 0 and "--no_adv_alternate" in quiet.stdout
+    assert quiet.stderr == "", quiet.stderr
+    verbose = subprocess.run([sys.executable, str(SCRIPT), "--help", "--verbose"], env=env, capture_output=True,
+                             text=True, cwd=tmp_path, timeout=300)
+    assert "Setuptools is replacing distutils" in verbose.stderr  # what the default hides
