@@ -160,7 +160,7 @@ def test_several_loras_are_checked_before_work(workspace):
     coco_cli.validate_args(args)  # two files, each file's own scale
     with pytest.raises(ValueError, match="got 3 LoRA scales for 2 LoRA files"):
         coco_cli.main(flux + ["--path_to_lora", str(lora), str(lora), "--lora_scale", "1", "2", "3"])
-    with pytest.raises(FileNotFoundError, match="--path_to_lora: file not found: .*missing.safetensors"):
+    with pytest.raises(UsageError, match="--path_to_lora: file not found: .*missing.safetensors"):
         coco_cli.main(flux + ["--path_to_lora", str(lora), str(workspace / "missing.safetensors")])
     with pytest.raises(ValueError, match="--lora_scale needs --path_to_lora"):
         coco_cli.main(flux + ["--lora_scale", "1"])
