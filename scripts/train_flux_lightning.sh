@@ -63,6 +63,7 @@ usage() {
 Set the teacher and the data to train FLUX-Lightning:
   TEACHER=<FLUX folder, diffusers layout, e.g. FLUX.1-dev> DATA_PATH=<data folder> \\
   [FILE_LIST=<file list>] [OUTPUT_DIR=<dir>] [GPUS=0,1,...] bash scripts/train_flux_lightning.sh [extra flags]
+Several machines: NNODES=<n> NODE_RANK=<0..n-1> MASTER=<ip:port of the rank-0 machine> (or IPS=<ip,ip,...>).
 The training entry point is $TRAIN_SCRIPT (see --help there).
 EOF
 }

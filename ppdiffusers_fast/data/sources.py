@@ -106,7 +106,7 @@ def _has_images(folder: Path) -> bool:
 def detect_path_layout(data_path, file_list_path=None) -> str:
     """One of :data:`LAYOUTS` for what is at ``data_path``; raises naming the path and listing every layout.
 
-    Reads file names (and no file contents) only.
+    Reads file names, and the file list when one is given; no data.
     """
     if data_path is None:
         raise ValueError("--data_path is required")

@@ -83,3 +83,18 @@ def test_two_nodes_train_identically_and_resume(tmp_path):
     assert any(not np.array_equal(first[k], second[k]) for k in first)
     saved_lora = safetensors_io.load_file(out / "flux_lightning_lora.safetensors")
     assert saved_lora and all(np.isfinite(v).all() for v in saved_lora.values())
+
+
+@pytest.mark.parametrize("variables, message", [
+    (dict(NNODES="2"), "NNODES=2 needs MASTER=<ip:port on the rank-0 machine> and NODE_RANK=<0..1>"),
+    (dict(NNODES="2", MASTER="127.0.0.1", NODE_RANK="0"), "MASTER=127.0.0.1 is not ip:port"),
+    (dict(NNODES="2", MASTER="127.0.0.1:8090", NODE_RANK="2"), "NODE_RANK=2 is not in 0..1"),
+    (dict(NNODES="two"), "NNODES=two is not a positive number of machines"),
+    (dict(NNODES="2", IPS="10.0.0.1"), "IPS=10.0.0.1 names 1 machines but NNODES=2"),
+    (dict(IPS="10.0.0.1,10.0.0.2", MASTER="10.0.0.1:8090"), "give either IPS or MASTER with NODE_RANK, not both"),
+])
+def test_node_variables_are_checked_before_launching(tmp_path, variables, message):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PADDLE_", "FLAGS_selected"))}
+    env.update(TEACHER=str(tmp_path), DATA_PATH=str(tmp_path), PYTHON="false", **variables)
+    result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
