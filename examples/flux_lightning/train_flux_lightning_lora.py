@@ -23,6 +23,7 @@ from ppdiffusers_fast.command_line import quiet_third_party, run_command
 quiet_third_party()  # before paddle is imported; --verbose keeps the third-party warnings
 from ppdiffusers_fast.training.config import config_from_args  # noqa: E402
 from ppdiffusers_fast.training.launch import run_training  # noqa: E402
+from ppdiffusers_fast.training.logging import NonFiniteLossError, NonFiniteWeightsError  # noqa: E402
 
 
 def main(argv=None):
@@ -33,4 +34,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_command(main, sys.argv[1:])
+    try:
+        run_command(main, sys.argv[1:])
+    except (NonFiniteLossError, NonFiniteWeightsError) as error:  # the run stopped cleanly: say why, exit 1
+        sys.exit(f"error: {error}")

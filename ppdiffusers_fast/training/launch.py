@@ -21,6 +21,7 @@ from ..data.sources import (build_training_data, detect_layout, has_text_encoder
 from ..methods.denoiser import FluxDenoiser
 from ..methods.registry import build_method
 from ..models.weights import load_flux_transformer
+from . import checkpoint as ckpt
 from . import distributed as dist
 from .config import TrainConfig
 from .trainer import TrainResult, Trainer, start_process
@@ -39,8 +40,9 @@ def _reserve_gpu_memory(gib: int) -> None:
 
 def check_inputs(config: TrainConfig) -> Tuple[Path, Optional[Path]]:
     """The user's errors, before any model or data is loaded (:class:`UsageError` naming the flag and path):
-    the teacher folder and its transformer ``config.json``, the layout of ``--data_path``, a writable
-    ``--output_dir``. Returns ``(transformer folder, FLUX folder or None)``."""
+    the teacher folder and its transformer ``config.json``, the layout of ``--data_path``, a checkpoint named by
+    ``--resume_from_checkpoint`` (every file read and checked), a writable ``--output_dir``.
+    Returns ``(transformer folder, FLUX folder or None)``."""
     try:
         transformer_folder, flux_folder = teacher_folders(config.model.pretrained_teacher_model)
         config_file = transformer_folder / "config.json" if transformer_folder.is_dir() else None
@@ -51,7 +53,10 @@ def check_inputs(config: TrainConfig) -> Tuple[Path, Optional[Path]]:
             except ValueError as error:
                 raise ValueError(f"--pretrained_teacher_model: {config_file} is not a valid config ({error})")
         detect_layout(config.data)
-    except (ValueError, FileNotFoundError) as error:
+        resume = config.run.resume_from_checkpoint
+        if resume and resume != "latest":  # a named checkpoint must be intact ("latest" skips damaged ones)
+            ckpt.find_resume_checkpoint(resume, config.run.output_dir)
+    except (ValueError, FileNotFoundError) as error:  # CorruptCheckpointError is a ValueError
         raise UsageError(str(error)) from None
     check_output_dir(config.run.output_dir)
     return transformer_folder, flux_folder

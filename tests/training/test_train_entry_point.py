@@ -88,7 +88,9 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, entry_point, capsys):
     unwritable[unwritable.index("--output_dir") + 1] = "/proc/x"
     cases = {"--pretrained_teacher_model: .*config.json is not a valid config": argv,
              "--output_dir /proc/x is not a writable folder": unwritable,
-             "argument --lora_rank: invalid int value: 'four'": argv + ["--lora_rank", "four"]}
+             "argument --lora_rank: invalid int value: 'four'": argv + ["--lora_rank", "four"],
+             "--resume_from_checkpoint .*checkpoint-9: .* is not a checkpoint folder":
+                 argv + ["--resume_from_checkpoint", str(tmp_path / "checkpoint-9")]}
     for expected, case in cases.items():
         if "config.json" not in expected:
             save_paddle_safetensors(tiny_flux(seed=4), teacher / "transformer" / "diffusion_pytorch_model.safetensors")
