@@ -8,6 +8,16 @@ On the generator's clean sample ``x0_hat`` ([B, L, C], with graph):
     x0_fake = x_s - s v_fake(x_s, s)                         (the fake score, no graph)
     L_dmd   = dmd_loss(x0_hat, x0_real, x0_fake)             (x0-space normaliser, losses.distribution_matching)
 
+On a generated sample at a level ``l > 0`` (FLUX-Lightning's phase-end prediction ``x_e`` at ``sigma_{e_k}``,
+``--dmd_placement phase_end``) the same matching holds between the marginals at ``l``: ``s > l`` is drawn from the
+grid above ``l``, ``x_s = renoise(x_e, l, s, eps)`` (the exact kernel, ``schedules.renoise``), and both scores'
+predictions are taken back to the sample's level by one Euler jump,
+``x_l_real = x_s + (l - s) v_teacher``, ``x_l_fake = x_s + (l - s) v_fake``, so
+``L_dmd = dmd_loss(x_e, x_l_real, x_l_fake)``; since ``x_l_fake - x_l_real = (s - l) / s (x0_fake - x0_real)``
+the direction is the score difference at ``x_s`` (the KL gradient), normalised in the sample's own units. At
+``l = 0`` this is the clean-sample loss above. If the generator's marginal at ``l`` equals the teacher's, the two
+scores agree and the term vanishes: a student that follows the teacher's flow (PCM's optimum) is a stationary point.
+
 Two fake scores (``--dmd_fake_score``):
 
 - ``student``: the student adapter itself (FLUX-Lightning, seed 000): no extra parameters or optimizer;
@@ -27,10 +37,12 @@ from ..losses import dmd_loss, flow_matching_loss
 from ..models.lora import LoraConfig, adapter_parameters, inject_trainable_lora, use_adapters
 from .denoiser import teacher_velocity
 
-__all__ = ["DistributionMatchingConfig", "DMDOutput", "DistributionMatching", "FAKE_SCORE_ADAPTER", "FAKE_SCORES"]
+__all__ = ["DistributionMatchingConfig", "DMDOutput", "DistributionMatching", "FAKE_SCORE_ADAPTER", "FAKE_SCORES",
+           "DMD_PLACEMENTS", "dmd_loss_at_level"]
 
 FAKE_SCORE_ADAPTER = "fake_score"
 FAKE_SCORES = ("auto", "student", "adapter")
+DMD_PLACEMENTS = ("phase_end", "student_x0")
 
 
 @dataclass
@@ -43,6 +55,9 @@ class DistributionMatchingConfig:
     dmd_fake_score_updates: int = flag(5, "fake-score updates per generator update (with --dmd_fake_score adapter)")
     dmd_fake_score_lr: Optional[float] = flag(None, "learning rate of the fake-score adapter (None: --learning_rate)")
     dmd_guidance_scale: Optional[float] = flag(None, "teacher guidance of the real score (None: --guidance_scale)")
+    dmd_placement: str = flag("student_x0", "flux_lightning: where DMD acts: phase_end (the student's phase-end "
+                              "prediction at its level, re-noised with the exact kernel, as the reference) or "
+                              "student_x0 (x_i - sigma_i v, the student's clean estimate)", choices=list(DMD_PLACEMENTS))
 
     def validate(self) -> None:
         if self.dmd_fake_score not in FAKE_SCORES:
@@ -53,6 +68,11 @@ class DistributionMatchingConfig:
             raise ValueError(f"--dmd_fake_score_updates must be >= 1, got {self.dmd_fake_score_updates}")
         if self.dmd_fake_score_lr is not None and not self.dmd_fake_score_lr > 0:
             raise ValueError(f"--dmd_fake_score_lr must be positive, got {self.dmd_fake_score_lr}")
+        if self.dmd_placement not in DMD_PLACEMENTS:
+            raise ValueError(f"--dmd_placement must be one of {DMD_PLACEMENTS}, got {self.dmd_placement!r}")
+        if self.dmd_placement == "phase_end" and self.dmd_fake_score == "adapter":
+            raise ValueError("--dmd_placement phase_end needs --dmd_fake_score student: the adapter fake score is "
+                             "trained on clean samples (flow matching), not on phase-end samples at a level")
 
     def with_default_fake_score(self, fake_score: str) -> "DistributionMatchingConfig":
         """This config with ``dmd_fake_score="auto"`` resolved to the method's ``fake_score``."""
@@ -63,6 +83,22 @@ class DistributionMatchingConfig:
         if self.dmd_fake_score == "auto":
             raise ValueError("dmd_fake_score 'auto' is resolved by the method (with_default_fake_score)")
         return self.dmd_fake_score == "adapter"
+
+
+def dmd_loss_at_level(x_gen, x_s, s, level, v_real, v_fake):
+    """``L_dmd`` of samples ``x_gen`` at ``level`` from the two velocities at their re-noised ``x_s`` (level ``s``).
+
+    ``x_real = x_s + (level - s) v_real``, ``x_fake = x_s + (level - s) v_fake`` (one Euler jump back to the
+    sample's level; at ``level = 0`` these are the x0 predictions), ``loss = dmd_loss(x_gen, x_real, x_fake)``.
+
+    Args:
+        x_gen: ``[B, ...]`` with graph; x_s, v_real, v_fake: ``[B, ...]``; s, level: float or ``[B]``.
+    Returns:
+        ``(loss 0-d float32, x_real, x_fake)`` (the last two detached).
+    """
+    x_real = schedules.euler_step(x_s, s, level, v_real.astype("float32")).detach()
+    x_fake = schedules.euler_step(x_s, s, level, v_fake.astype("float32")).detach()
+    return dmd_loss(x_gen, x_real, x_fake), x_real, x_fake
 
 
 @dataclass
@@ -132,27 +168,43 @@ class DistributionMatching:
         low, high = (1, n - 1) if n > 1 else (0, n)
         return paddle.gather(grid, schedules.draw_grid_index(low, high, batch_size))
 
-    def generator_loss(self, x0_hat, cond, fake_cond, s, noise: Optional[paddle.Tensor] = None) -> DMDOutput:
-        """``L_dmd`` on the generator's clean samples.
+    @staticmethod
+    def draw_levels_above(grid: paddle.Tensor, lower: paddle.Tensor) -> paddle.Tensor:
+        """``[B]`` levels ``sigma_j``, ``j ~ U{lower + 1 .. N - 1}`` per sample (above a sample at grid index
+        ``lower`` [B]; ``j = N - 1`` when nothing lies between)."""
+        n = grid.shape[0] - 1
+        low = paddle.clip(lower.astype("int64") + 1, max=max(n - 1, 0))
+        return paddle.gather(grid, schedules.draw_grid_index(low, max(n - 1, 0), lower.shape[0]))
+
+    def generator_loss(self, x_gen, cond, fake_cond, s, noise: Optional[paddle.Tensor] = None,
+                       level=None) -> DMDOutput:
+        """``L_dmd`` on the generator's samples (clean, or at ``level``; see the module docstring).
 
         Args:
-            x0_hat: ``[B, L, C]`` generated clean samples (with graph).
+            x_gen: ``[B, L, C]`` generated samples (with graph), clean unless ``level`` is given.
             cond: the batch's condition for the teacher (guidance added by the teacher).
             fake_cond: the condition the fake score sees (the student's, with embedded guidance if any).
-            s: ``[B]`` levels (:meth:`draw_levels`); noise: ``[B, L, C]`` (drawn when None).
+            s: ``[B]`` levels (:meth:`draw_levels`, or :meth:`draw_levels_above` for a noisy sample), ``s >= level``.
+            noise: ``[B, L, C]`` (drawn when None).
+            level: ``[B]`` (or float) level of ``x_gen``; None: 0 (clean).
+        Returns:
+            :class:`DMDOutput` whose ``x0_real`` / ``x0_fake`` are the predictions taken to ``level``.
         """
         if noise is None:
-            noise = paddle.randn(x0_hat.shape, dtype="float32")
+            noise = paddle.randn(x_gen.shape, dtype="float32")
         with paddle.no_grad():
-            x_s = schedules.add_noise(x0_hat.detach().astype("float32"), noise, s)
+            sample = x_gen.detach().astype("float32")
+            if level is None:
+                level = 0.0
+                x_s = schedules.add_noise(sample, noise, s)
+            else:
+                x_s = schedules.renoise(sample, level, s, noise)
             v_real = teacher_velocity(self.denoiser, x_s, s, cond, self.real_guidance_scale, self.guidance_mode,
                                       self.unconditional)
             with use_adapters(self.denoiser.transformer, self.fake_score_adapter):
                 v_fake = self.denoiser(x_s, s, fake_cond)
-            x0_real = schedules.x0_from_velocity(x_s, s, v_real.astype("float32"))
-            x0_fake = schedules.x0_from_velocity(x_s, s, v_fake.astype("float32"))
-        loss = dmd_loss(x0_hat, x0_real, x0_fake)
-        return DMDOutput(loss, s, x_s, x0_real, x0_fake)
+        loss, x_real, x_fake = dmd_loss_at_level(x_gen, x_s, s, level, v_real, v_fake)
+        return DMDOutput(loss, s, x_s, x_real, x_fake)
 
     def fake_score_loss(self, x0_hat, fake_cond, s, noise: Optional[paddle.Tensor] = None) -> paddle.Tensor:
         """Flow-matching loss of the fake-score adapter on ``stopgrad(x0_hat)`` at levels ``s`` (0-d float32)."""

@@ -7,9 +7,12 @@ One generator step on clean latents ``x0`` ([B, L, C]) with grid index ``i`` in 
     L_pcm    = consistency_loss(x_e, target)
     L_G      = adversarial generator loss: real = target, fake = x_e, both re-noised from sigma_{e_k}
                to r = sigma_j, j ~ U{e_k .. e_{k+1} - 1} (exact kernel, independent noise)
-    L_dmd    = DMD on the student's clean sample x0_hat = x_i - sigma_i v_theta(x_i, sigma_i) (the same
-               forward pass, ``ConsistencyPair.student_x0``; for phase 0 it is x_e itself), fake score = the
-               student or an adapter
+    L_dmd    = DMD (fake score = the student or an adapter), placed by ``--dmd_placement``:
+               phase_end:  on x_e at its level sigma_{e_k}, re-noised with the exact kernel to s > sigma_{e_k}
+                           (the reference's placement; PCM's optimum is a stationary point of this term)
+               student_x0: on the clean estimate x0_hat = x_i - sigma_i v_theta(x_i, sigma_i) of the same forward
+                           pass (``ConsistencyPair.student_x0``); for k >= 1 PCM's optimum is not stationary
+               (for phase 0 both are x_e itself)
     L_reflow = reflow of stopgrad(x_e) from r' in (sigma_{e_k}, sigma_{e_{k+1}}] back to sigma_{e_k}
 
     generator loss = L_pcm + adv_weight L_G + dmd_weight L_dmd + reflow_loss_weight L_reflow
@@ -140,8 +143,12 @@ class FluxLightning(DistillationMethod):
 
         if self.dmd is not None and (generator or self.trains_fake_score):
             x0_hat = pair.student_x0
-            if generator:
+            if generator and self.dmd_config.dmd_placement == "phase_end":
+                out = self.dmd.generator_loss(pair.prediction, batch.cond, student_cond,
+                                              self.dmd.draw_levels_above(grid, pair.lower), level=sigma_edge)
+            elif generator:
                 out = self.dmd.generator_loss(x0_hat, batch.cond, student_cond, self.dmd.draw_levels(grid, bsz))
+            if generator:
                 losses["dmd"] = self.dmd_config.dmd_weight * out.loss
                 metrics["dmd_unweighted"] = out.loss.item()
             if self.trains_fake_score:

@@ -125,3 +125,49 @@ def test_levels_and_configuration_checks():
     config = DistributionMatchingConfig()
     assert config.with_default_fake_score("adapter").trains_fake_score
     assert not DistributionMatchingConfig(dmd_fake_score="student").with_default_fake_score("adapter").trains_fake_score
+
+
+def test_dmd_on_a_sample_at_a_level_equals_hand_computed_values():
+    """Phase-end placement: x_s by the exact kernel from the sample's level, predictions taken back to it."""
+    denoiser, dmd, batch = _setup("student")
+    x_np, noise_np, s_np = _fixed(batch)
+    level_np = np.array([0.2, 0.5], "float32")
+    x_gen = paddle.to_tensor(x_np, stop_gradient=False)
+    student_cond = batch.cond.with_guidance(3.5)
+    out = dmd.generator_loss(x_gen, batch.cond, student_cond, paddle.to_tensor(s_np), paddle.to_tensor(noise_np),
+                             level=paddle.to_tensor(level_np))
+
+    s, level = s_np.reshape([-1, 1, 1]), level_np.reshape([-1, 1, 1])
+    a = (1 - s) / (1 - level)  # renoise from 0.2 to 0.3: a = 0.875; from 0.5 to 0.8: a = 0.4
+    x_s = a * x_np + np.sqrt(s ** 2 - a ** 2 * level ** 2) * noise_np
+    np.testing.assert_allclose(out.x_s.numpy(), x_s, rtol=1e-5, atol=1e-6)
+    v_real = _velocity(denoiser, x_s, s_np, batch.cond.with_guidance(3.5))
+    v_fake = _velocity(denoiser, x_s, s_np, student_cond, "student")
+    x_real, x_fake = x_s + (level - s) * v_real, x_s + (level - s) * v_fake
+    direction = (x_fake - x_real) / np.abs(x_np - x_real).mean(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(out.loss.item(), 0.5 * np.mean(direction ** 2), rtol=1e-4)
+    out.loss.backward()
+    np.testing.assert_allclose(x_gen.grad.numpy(), direction / direction.size, rtol=1e-3, atol=1e-9)
+
+
+def test_dmd_at_level_zero_is_the_clean_sample_loss():
+    _, dmd, batch = _setup("student")
+    x_np, noise_np, s_np = _fixed(batch)
+    args = (batch.cond, batch.cond.with_guidance(3.5), paddle.to_tensor(s_np), paddle.to_tensor(noise_np))
+    clean = dmd.generator_loss(paddle.to_tensor(x_np), *args)
+    at_zero = dmd.generator_loss(paddle.to_tensor(x_np), *args, level=paddle.zeros([2]))
+    np.testing.assert_allclose(at_zero.loss.item(), clean.loss.item(), rtol=1e-6)
+
+
+def test_levels_above_a_phase_edge_lie_strictly_above_it():
+    grid = schedules.solver_grid(8, 0.5)
+    lower = paddle.to_tensor([0, 2, 4, 6] * 50, dtype="int64")
+    s = DistributionMatching.draw_levels_above(grid, lower).numpy()
+    edge = grid.numpy()[lower.numpy()]
+    assert (s > edge).all() and (s <= grid.numpy()[7] + 1e-7).all()
+    assert set(np.round(s[lower.numpy() == 6], 6)) == {np.round(grid.numpy()[7], 6)}
+
+
+def test_phase_end_placement_refuses_an_adapter_fake_score():
+    with pytest.raises(ValueError, match="--dmd_placement phase_end needs --dmd_fake_score student"):
+        DistributionMatchingConfig(dmd_placement="phase_end", dmd_fake_score="adapter").validate()
