@@ -122,11 +122,15 @@ def test_quick_demo_writes_only_under_its_output_folder(tmp_path, monkeypatch):
     result = main(["--quick", "--output_dir", str(tmp_path / "run")])
     table = result["table"]
     assert [row["steps"] for row in table] == [50, 4, 4]
-    assert table[0]["fid_vs_teacher_50"] == 0.0 and table[1]["fid_vs_teacher_50"] > 0
-    assert all(0.0 <= row["adherence"] <= 1.0 and row["images"] == 20 for row in table)
+    assert table[0]["excess"] == 0.0 and table[0]["fid_disjoint"] > 0  # the floor row: teacher-50 on other seeds
+    for row in table:
+        assert row["excess"] == row["fid_disjoint"] - table[0]["fid_disjoint"]
+        assert 0.0 <= row["adherence"] <= 1.0 and row["fid_same_seed"] > -1e-3 and row["fid_real"] > 0
+    assert table[1]["fid_same_seed"] > 0
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["rows"][2]["method"].startswith("student") and "checks" in saved
     assert "| method | steps |" in (tmp_path / "run" / "results.md").read_text()
     assert (tmp_path / "run" / "grid.png").is_file() and (tmp_path / "run" / STUDENT_LORA_NAME).is_file()
     assert example_files_state() == before  # the demo model folder and the example code are only read
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert list((tmp_path / "run" / "reference").rglob("teacher50_*.safetensors"))  # cached teacher sets

@@ -1,66 +1,147 @@
-"""The demo's ablation: which parts of the FLUX-Lightning recipe help, on the tiny digit teacher.
+"""The demo's ablation: every method at K = 1, 2 and 4 steps, measured with the distribution FID.
 
-    bash scripts/demo_ablation.sh                       # all rows, 1000 steps each (about 37 minutes on a 2-core CPU)
-    python examples/flux_lightning/run_demo_ablation.py --max_train_steps 100 --rows pcm,flux_lightning
+    bash scripts/demo_ablation.sh                                    # every row (hours; resumes row by row)
+    python examples/flux_lightning/run_demo_ablation.py --methods pcm,flux_lightning --steps 2,4 --seeds 0
+    python examples/flux_lightning/run_demo_ablation.py --committed   # only measure the committed students
 
-Rows (the table of the paper, on the demo), all measured against the teacher's 50-step images of the same seeds:
-
-    teacher, 50 steps, other seeds   the noise floor of the FID (a different draw of the same distribution)
-    teacher, 4 Euler steps           the baseline every student must beat
-    pcm                              PCM alone (Huber consistency, K = 4)
-    pcm_adv                          + adversarial heads on every block
-    pcm_adv_dmd                      + distribution matching, the student as fake score
-    flux_lightning                   + reflow: the full recipe
-    dmd2                             DMD + GAN with a trained fake-score adapter (2 fake-score updates per generator
-                                     update, so it makes half as many generator updates in the same steps)
-
-Every student uses the same latent cache, training seed, step budget, LoRA shape and learning rate
-(``distill.METHOD_RECIPES``) and the same evaluation seeds. Writes ``<output_dir>/ablation.md``, ``ablation.json``
-and ``ablation.png`` (FID and adherence per row).
+Rows: the teacher with 1, 2, 4 and 8 Euler steps (references), then one row per (method, K, training seed):
+each student trained with the demo recipe of ``distill.METHOD_RECIPES`` (same latent cache, budget, LoRA shape
+and learning rate) with K phases, then sampled with its K steps. Metric (``distribution_fid.py``): FID of 1000
+images from seeds B against 1000 teacher-50 images from disjoint seeds A, the noise floor (teacher-50 on B) and
+``excess = FID - floor``, the same-seed FID, FID vs the 600 held-out real digits, adherence, and the same row on
+a third seed set C (``excess_C``: the metric's own spread). Each finished row is written to
+``<output_dir>/ablation.json`` at once; a rerun skips finished rows and resumes a student from its newest
+checkpoint. Writes ``ablation.md`` (rows, then mean and spread per method and K) and ``ablation.png`` (excess
+FID against steps per method).
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from .config import CLASSIFIER_WEIGHTS_NAME, DEMO_MODEL_DIR
 
-STUDENT_ROWS = ("pcm", "pcm_adv", "pcm_adv_dmd", "flux_lightning", "dmd2")
-ROW_LABELS = {"pcm": "PCM", "pcm_adv": "PCM + adv", "pcm_adv_dmd": "PCM + adv + DMD (student fake score)",
-              "flux_lightning": "FLUX-Lightning (PCM + adv + DMD + reflow)", "dmd2": "DMD2 (adapter fake score)"}
-OTHER_SEEDS_OFFSET = 100000
+DEFAULT_METHODS = ("pcm", "pcm_adv", "pcm_adv_dmd", "flux_lightning", "dmd2")
+ROW_LABELS = {"pcm": "PCM", "pcm_adv": "PCM + adv", "pcm_adv_dmd": "PCM + adv + DMD",
+              "flux_lightning": "FLUX-Lightning (PCM + adv + DMD + reflow)",
+              "flux_lightning_phase_end": "FLUX-Lightning, DMD on the phase-end prediction",
+              "flux_lightning_student_x0": "FLUX-Lightning, DMD on x_i - sigma_i v",
+              "dmd2": "DMD2 (adapter fake score)"}
+TEACHER_STEPS = (1, 2, 4, 8)
+COMMITTED_STUDENTS = ("student_lora.safetensors", "student_2step_lora.safetensors", "student_1step_lora.safetensors")
+RESULTS_NAME = "ablation.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python examples/flux_lightning/run_demo_ablation.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python examples/flux_lightning/run_demo_ablation.py",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="outputs/demo_ablation")
     p.add_argument("--teacher", default=str(DEMO_MODEL_DIR))
-    p.add_argument("--rows", default=",".join(STUDENT_ROWS), help=f"students to train, from {STUDENT_ROWS}")
-    p.add_argument("--max_train_steps", type=int, default=None, help="step budget of every student")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--images_per_digit", type=int, default=100)
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="recipes of distill.METHOD_RECIPES")
+    p.add_argument("--steps", default="1,2,4", help="student step counts K")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds")
+    p.add_argument("--max_train_steps", type=int, default=None, help="training budget (default: the recipe's)")
+    p.add_argument("--images_per_digit", type=int, default=100, help="measured images per digit and seed set")
+    p.add_argument("--reference_cache", default=None, help="cached teacher sets (default <output_dir>/reference)")
+    p.add_argument("--committed", action="store_true", help="only measure the committed students of the demo folder")
     return p
 
 
-def save_plot(table: Sequence[dict], path) -> Path:
-    """Two horizontal bar charts: FID vs teacher-50 (lower is better) and adherence (higher is better)."""
+def row_key(row: dict) -> str:
+    return f"{row['method']}|{row['K']}|{row['seed']}"
+
+
+def load_results(path: Path) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    return {"rows": []}
+
+
+def summarize(rows: Sequence[dict]) -> List[dict]:
+    """Mean over training seeds per (method, K), the seed spread (max - min) and the metric spread
+    (mean |excess - excess_C|)."""
+    groups: Dict[tuple, List[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["K"]), []).append(row)
+    out = []
+    for (method, k), members in groups.items():
+        excess = [m["excess"] for m in members]
+        spread_metric = [abs(m["excess"] - m["excess_C"]) for m in members if m.get("excess_C") is not None]
+        out.append({"method": method, "K": k, "seeds": len(members),
+                    "fid_disjoint": sum(m["fid_disjoint"] for m in members) / len(members),
+                    "excess": sum(excess) / len(excess), "seed_spread": max(excess) - min(excess),
+                    "metric_spread": sum(spread_metric) / len(spread_metric) if spread_metric else None,
+                    "fid_same_seed": sum(m["fid_same_seed"] for m in members) / len(members),
+                    "fid_real": sum(m["fid_real"] for m in members) / len(members),
+                    "adherence": min(m["adherence"] for m in members)})
+    return out
+
+
+def _num(value, fmt="{:.2f}"):
+    return "-" if value is None else fmt.format(value)
+
+
+def markdown(results: dict, command: str) -> str:
+    metric = results.get("metric", {})
+    floor = metric.get("floor", {})
+    rows = results["rows"]
+    lines = [
+        "# Demo ablation: distribution FID at 1, 2 and 4 steps", "",
+        f"`{command}`", "",
+        f"Reference: {metric.get('images_per_set', '?')} teacher-50 images from seeds A; every row measured on "
+        f"seeds B (and C for the metric's spread), disjoint from A. Noise floor (teacher-50 on B vs A): "
+        f"{_num(floor.get('B'))} (on C: {_num(floor.get('C'))}). excess = FID - floor. FID on the digit "
+        f"classifier's 64-d features; same-seed FID = vs teacher-50 on the row's own seeds (B); FID real = vs the "
+        f"{metric.get('real_digits', '?')} held-out real digits.", "",
+        "| method | K | seed | FID (disjoint) | excess | excess on C | FID same-seed | FID real | adherence | "
+        "train s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['label']} | {row['K']} | {_num(row['seed'], '{}')} | {row['fid_disjoint']:.2f} | "
+                     f"{row['excess']:.2f} | {_num(row.get('excess_C'))} | {row['fid_same_seed']:.2f} | "
+                     f"{row['fid_real']:.2f} | {100 * row['adherence']:.1f}% | {_num(row.get('train_seconds'), '{:.0f}')} |")
+    students = [r for r in rows if r["kind"] == "student"]
+    if students:
+        lines += ["", "Per method and K (mean over training seeds; seed spread = max - min of excess; metric spread "
+                      "= mean |excess(B) - excess(C)|):", "",
+                  "| method | K | seeds | mean FID | mean excess | seed spread | metric spread | min adherence |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for s in summarize(students):
+            lines.append(f"| {ROW_LABELS.get(s['method'], s['method'])} | {s['K']} | {s['seeds']} | "
+                         f"{s['fid_disjoint']:.2f} | {s['excess']:.2f} | {s['seed_spread']:.2f} | "
+                         f"{_num(s['metric_spread'])} | {100 * s['adherence']:.1f}% |")
+    lines += ["", "![excess FID vs steps](ablation.png)", ""]
+    return "\n".join(lines)
+
+
+def save_plot(rows: Sequence[dict], path) -> Path:
+    """Excess FID (log scale) against sampling steps: the teacher's Euler steps and each method's mean over seeds
+    (bars: min and max over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [row["method"] for row in table][::-1]
-    fids = [row["fid_vs_teacher_50"] for row in table][::-1]
-    adherences = [100 * row["adherence"] for row in table][::-1]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 0.5 * len(table) + 1.5), sharey=True)
-    left.barh(names, fids, color="tab:blue")
-    left.set_xlabel("FID vs teacher 50 steps\n(classifier features; lower is better)")
-    right.barh(names, adherences, color="tab:green")
-    right.set_xlabel("adherence, % classified as the prompt's digit\n(higher is better)")
-    for axis, values, fmt in ((left, fids, "{:.2f}"), (right, adherences, "{:.1f}")):
-        for y, value in enumerate(values):
-            axis.text(value, y, " " + fmt.format(value), va="center", fontsize=8)
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    teacher = sorted((r["K"], r["excess"]) for r in rows if r["kind"] == "teacher")
+    if teacher:
+        axis.plot(*zip(*teacher), "k--o", label="teacher, Euler steps")
+    students = [r for r in rows if r["kind"] == "student"]
+    for method in dict.fromkeys(r["method"] for r in students):
+        points = sorted((s["K"], s["excess"], s) for s in summarize([r for r in students if r["method"] == method]))
+        ks = [k for k, _, _ in points]
+        means = [e for _, e, _ in points]
+        members = [[r["excess"] for r in students if r["method"] == method and r["K"] == k] for k in ks]
+        low = [m - min(v) for m, v in zip(means, members)]
+        high = [max(v) - m for m, v in zip(means, members)]
+        axis.errorbar(ks, means, yerr=[low, high], marker="o", capsize=3, label=ROW_LABELS.get(method, method))
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("symlog", linthresh=0.5)
+    axis.set_xlabel("sampling steps")
+    axis.set_ylabel("excess FID over the noise floor (lower is better)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=110)
@@ -68,65 +149,104 @@ def save_plot(table: Sequence[dict], path) -> Path:
     return path
 
 
-def main(argv=None) -> List[dict]:
+def write_outputs(results: dict, output_dir: Path, command: str) -> None:
+    from .distribution_fid import write_json_atomic
+
+    write_json_atomic(output_dir / RESULTS_NAME, results)
+    (output_dir / "ablation.md").write_text(markdown(results, command), encoding="utf-8")
+    save_plot(results["rows"], output_dir / "ablation.png")
+
+
+def train_seconds_of(row_dir: Path, seconds_now: float) -> float:
+    """Training seconds of a student, summed over the invocations that trained it (``train_seconds.json``)."""
+    record = row_dir / "train_seconds.json"
+    total = seconds_now + (json.loads(record.read_text())["train_seconds"] if record.is_file() else 0.0)
+    record.write_text(json.dumps({"train_seconds": total}))
+    return total
+
+
+def _split(text: str, cast=str) -> List:
+    return [cast(v.strip()) for v in text.split(",") if v.strip()]
+
+
+def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in STUDENT_ROWS]
+    from .distill import METHOD_RECIPES
+
+    methods, ks, seeds = _split(args.methods), _split(args.steps, int), _split(args.seeds, int)
+    unknown = [m for m in methods if m not in METHOD_RECIPES]
     if unknown:
-        raise SystemExit(f"--rows: unknown {unknown}; choose from {STUDENT_ROWS}")
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {sorted(METHOD_RECIPES)}")
+    if any(k < 1 for k in ks):
+        raise SystemExit(f"--steps must be positive step counts, got {ks}")
     started = time.perf_counter()
     from .classifier import load_classifier
     from .distill import CACHE_NAME, build_latent_cache, distill, recipe_for
-    from .report import EvalSet, measure, student_images, teacher_images, write_results
+    from .distribution_fid import build_metric, measure_student
     from .teacher import DemoTeacher, read_demo_config
 
     folder, output_dir = Path(args.teacher), Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    command = "python examples/flux_lightning/run_demo_ablation.py " + " ".join(
+        argv if argv is not None else sys.argv[1:])
     demo = read_demo_config(folder)
     teacher = DemoTeacher.from_folder(folder)
-    cache = output_dir / CACHE_NAME
-    if not cache.is_file():
-        build_latent_cache(cache, teacher, folder)
-
-    trained = {}
-    for name in rows:
-        recipe = recipe_for(name, max_train_steps=args.max_train_steps)
-        print(f"[ablation] training {name} ({recipe.method}) for {recipe.max_train_steps} steps")
-        begin = time.perf_counter()
-        lora = distill(recipe, output_dir / name, folder, seed=args.seed, data_path=cache,
-                       log=lambda m: print(f"[ablation] {m}"))
-        trained[name] = (lora, recipe, time.perf_counter() - begin)
-
-    eval_set = EvalSet(args.images_per_digit, int(demo.get("teacher_metrics", {}).get("eval_first_seed", 1000)))
-    reference = teacher_images(teacher, eval_set, 50, "teacher, 50 Euler steps (reference)")
-    image_rows = [reference,
-                  teacher_images(teacher, eval_set.with_seeds(eval_set.first_seed + OTHER_SEEDS_OFFSET), 50,
-                                 "teacher, 50 Euler steps, other seeds (noise floor)"),
-                  teacher_images(teacher, eval_set, 4)]
-    for name, (lora, recipe, seconds) in trained.items():
-        row = student_images(teacher, lora, eval_set, f"ablation_{name}", ROW_LABELS[name])
-        row.extra.update({"train_seconds": seconds, "train_steps": recipe.max_train_steps})
-        image_rows.append(row)
     classifier = load_classifier(folder / CLASSIFIER_WEIGHTS_NAME, demo["resolution"])
-    table = measure(classifier, reference, image_rows)
-    for entry, row in zip(table, image_rows):
-        entry["train_seconds"] = row.extra.get("train_seconds")
-    steps = {recipe.max_train_steps for _, recipe, _ in trained.values()}
-    total = time.perf_counter() - started
-    command = "python examples/flux_lightning/run_demo_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    header = (f"# Demo ablation\n\n`{command.strip()}` (or `bash scripts/demo_ablation.sh`): every student trained "
-              f"for {', '.join(map(str, sorted(steps)))} steps from the same latent cache and seed "
-              f"{args.seed}; {len(reference.labels)} evaluation images ({args.images_per_digit} per digit), the "
-              f"same seeds in every row except the noise floor. FID on the digit classifier's 64-d features.")
-    train_lines = [f"- {ROW_LABELS[n]}: {s:.0f} s of training" for n, (_, _, s) in trained.items()]
-    footer = "Training time per student:\n" + "\n".join(train_lines) + f"\n\nTotal {total:.0f} s.\n\n" \
-        "![ablation](ablation.png)"
-    results = write_results(table, output_dir, "ablation", header, footer,
-                            {"recipes": {n: r.__dict__ for n, (_, r, _) in trained.items()}, "total_seconds": total})
-    plot = save_plot(table, output_dir / "ablation.png")
-    print(results.read_text(encoding="utf-8"))
-    print(f"[ablation] wrote {results} and {plot} in {total:.0f} s")
-    return table
+    metric = build_metric(teacher, classifier, folder, demo, args.reference_cache or output_dir / "reference",
+                          args.images_per_digit)
+    results = load_results(output_dir / RESULTS_NAME)
+    results["metric"] = metric.description()
+    done = {row_key(r) for r in results["rows"]}
+
+    def add(row: dict) -> None:
+        results["rows"].append(row)
+        done.add(row_key(row))
+        write_outputs(results, output_dir, command.strip())
+        print(f"[ablation] {row['label']} K={row['K']} seed={row['seed']}: FID {row['fid_disjoint']:.2f}, "
+              f"excess {row['excess']:.2f}, same-seed {row['fid_same_seed']:.2f}, adherence "
+              f"{100 * row['adherence']:.1f}%", flush=True)
+
+    for steps in TEACHER_STEPS:
+        row = {"kind": "teacher", "method": "teacher", "label": f"teacher, {steps} Euler steps", "K": steps,
+               "seed": None}
+        if row_key(row) not in done:
+            add({**row, **metric.teacher_row(steps), "train_seconds": None})
+
+    if args.committed:
+        measured_methods = {r["method"] for r in results["rows"]}
+        for name in COMMITTED_STUDENTS:
+            lora = folder / name
+            if not lora.is_file() or f"committed:{name}" in measured_methods:
+                continue
+            measured, sampling, _ = measure_student(metric, teacher, classifier, lora, f"committed_{len(done)}")
+            add({"kind": "committed", "method": f"committed:{name}", "label": f"committed {name}",
+                 "K": int(sampling["multiphase"]), "seed": None, "sampling": sampling, **measured,
+                 "train_seconds": None})
+        return results
+
+    cache = output_dir / CACHE_NAME
+    for method in methods:
+        for k in ks:
+            for seed in seeds:
+                row = {"kind": "student", "method": method, "label": ROW_LABELS.get(method, method), "K": k,
+                       "seed": seed}
+                if row_key(row) in done:
+                    continue
+                if not cache.is_file():
+                    build_latent_cache(cache, teacher, folder)
+                recipe = recipe_for(method, multiphase=k, max_train_steps=args.max_train_steps)
+                row_dir = output_dir / f"{method}_k{k}_s{seed}"
+                print(f"[ablation] training {method} K={k} seed {seed} for {recipe.max_train_steps} steps", flush=True)
+                begin = time.perf_counter()
+                lora = distill(recipe, row_dir, folder, seed=seed, data_path=cache,
+                               log=lambda m: print(f"[ablation] {m}", flush=True))
+                seconds = train_seconds_of(row_dir, time.perf_counter() - begin)
+                measured, sampling, _ = measure_student(metric, teacher, classifier, lora, f"{method}_k{k}_s{seed}")
+                add({**row, **measured, "train_seconds": seconds, "train_steps": recipe.max_train_steps,
+                     "lora": str(lora)})
+    print(f"[ablation] {len(results['rows'])} rows in {output_dir / RESULTS_NAME}; "
+          f"{time.perf_counter() - started:.0f} s")
+    return results
 
 
 if __name__ == "__main__":

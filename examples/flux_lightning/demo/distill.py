@@ -74,9 +74,11 @@ class DemoRecipe:
     dmd_weight: Optional[float] = 0.01
     apply_reflow_loss: Optional[bool] = True
     reflow_loss_weight: Optional[float] = 0.01
+    dmd_placement: Optional[str] = None
     # dmd2 / adapter fake score
     dmd_fake_score: Optional[str] = None
     dmd_fake_score_updates: Optional[int] = None
+    dmd_fake_score_lr: Optional[float] = None
     dmd2_gan_weight: Optional[float] = None
     extra_flags: List[str] = field(default_factory=list)
 
@@ -102,6 +104,8 @@ METHOD_RECIPES: Dict[str, DemoRecipe] = {
     "pcm": DemoRecipe(method="pcm", **_PCM_ONLY),
     "pcm_adv": DemoRecipe(use_dmd_loss=False, apply_reflow_loss=False, dmd_weight=None, reflow_loss_weight=None),
     "pcm_adv_dmd": DemoRecipe(apply_reflow_loss=False, reflow_loss_weight=None),
+    "flux_lightning_phase_end": DemoRecipe(dmd_placement="phase_end"),
+    "flux_lightning_student_x0": DemoRecipe(dmd_placement="student_x0"),
     "dmd2": DemoRecipe(method="dmd2", loss_type=None, huber_c=None, adv_weight=None, adv_alternate=None,
                        use_dmd_loss=None,
                        dmd_weight=None, apply_reflow_loss=None, reflow_loss_weight=None, dmd_fake_score="adapter",

@@ -8,8 +8,10 @@ Steps: encode the teacher's training digits (``distill.build_latent_cache``); tr
 training entry point (``--method``, default ``flux_lightning``; checkpoints in ``--output_dir``, a rerun
 resumes); save the LoRA as ``<output_dir>/student_lora.safetensors`` (run from the repository root with the
 default ``--output_dir``, ``examples/flux_lightning/text_to_image_generation_flux_lightning.py`` then uses it
-instead of the committed student); sample the teacher at 50 and 4 steps and the student at 4 steps from the same
-seeds; write ``grid.png``, ``results.md`` and ``results.json`` and print the table. Everything is written under
+instead of the committed student); measure the teacher at 50 steps (the noise floor) and 4 steps and the student
+with the distribution FID (``distribution_fid.py``: seeds disjoint from the 1000-image teacher-50 reference,
+excess over the floor, same-seed FID, FID vs real digits, adherence; teacher sets cached in
+``<output_dir>/reference``); write ``grid.png``, ``results.md`` and ``results.json`` and print the table. Everything is written under
 ``--output_dir``; the demo model folder is only read.
 """
 import argparse
@@ -34,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_train_steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--images_per_digit", type=int, default=None,
-                   help="evaluation images per digit (default 30, i.e. 300 images; --quick: 2)")
+                   help="measured images per digit and row (default 50, i.e. 500 images; --quick: 2)")
+    p.add_argument("--reference_cache", default=None,
+                   help="where the teacher's image sets are cached (default <output_dir>/reference)")
     p.add_argument("--grid_columns", type=int, default=6, help="seeds per digit shown in grid.png")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 4 training steps on 64 digits, 2 evaluation images per digit")
@@ -48,14 +52,16 @@ def main(argv=None) -> dict:
 
     from .classifier import load_classifier
     from .distill import copy_lora, distill, recipe_for
-    from .report import EvalSet, measure, markdown_table, save_comparison_grid, student_images, teacher_images, \
-        write_results
+    from .distribution_fid import MEASURE_SEEDS, build_metric, measure_student
+    from .report import EvalSet, markdown_table, save_comparison_grid, student_images, teacher_images, write_results
     from .teacher import DemoTeacher, read_demo_config
 
     folder = Path(args.teacher)
     demo = read_demo_config(folder)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if args.reference_cache is None:
+        args.reference_cache = str(output_dir / "reference")
     quick = dict(max_train_steps=4, checkpointing_steps=2, train_batch_size=8, lr_warmup_steps=1) if args.quick else {}
     if args.max_train_steps is not None:
         quick["max_train_steps"] = args.max_train_steps
@@ -71,36 +77,49 @@ def main(argv=None) -> dict:
     student_lora = copy_lora(lora, output_dir / STUDENT_LORA_NAME)
     print(f"[demo] student LoRA {student_lora}")
 
-    per_digit = args.images_per_digit or (2 if args.quick else 30)
-    eval_set = EvalSet(per_digit, int(demo.get("teacher_metrics", {}).get("eval_first_seed", 1000)))
+    per_digit = args.images_per_digit or (2 if args.quick else 50)
     eval_started = time.perf_counter()
-    reference = teacher_images(teacher, eval_set, 50, "teacher, 50 Euler steps (reference)")
-    teacher_4 = teacher_images(teacher, eval_set, 4)
-    student = student_images(teacher, student_lora, eval_set, "demo_student", f"student ({args.method}), 4 steps")
     classifier = load_classifier(folder / CLASSIFIER_WEIGHTS_NAME, demo["resolution"])
-    table = measure(classifier, reference, [reference, teacher_4, student])
+    metric = build_metric(teacher, classifier, folder, demo, args.reference_cache, per_digit, spread=False,
+                          reference_images_per_digit=2 if args.quick else 100)
+    student_row, _, _ = measure_student(metric, teacher, classifier, student_lora, "demo_student")
+    floor = metric.floor[MEASURE_SEEDS.name]
+    table = [{"method": "teacher, 50 Euler steps (noise floor)", "steps": 50, **metric.row(
+                 {MEASURE_SEEDS.name: metric.teacher_50[MEASURE_SEEDS.name]})},
+             {"method": "teacher, 4 Euler steps", "steps": 4, **metric.teacher_row(4)},
+             {"method": f"student ({args.method}), {recipe.multiphase} steps", "steps": recipe.multiphase,
+              **student_row}]
     eval_seconds = time.perf_counter() - eval_started
 
-    grid = save_comparison_grid(output_dir / "grid.png", [reference, teacher_4, student],
-                                min(args.grid_columns, per_digit), per_digit)
-    fid_teacher_4, fid_student = table[1]["fid_vs_teacher_50"], table[2]["fid_vs_teacher_50"]
+    columns = min(args.grid_columns, per_digit)
+    grid_set = EvalSet(columns, MEASURE_SEEDS.first_seed)
+    grid_rows = [teacher_images(teacher, grid_set, 50), teacher_images(teacher, grid_set, 4),
+                 student_images(teacher, student_lora, grid_set, "demo_student_grid", "student")]
+    grid = save_comparison_grid(output_dir / "grid.png", grid_rows, columns, columns)
+    excess_teacher_4, excess_student = table[1]["excess"], table[2]["excess"]
     adherence_gap = 100 * (table[0]["adherence"] - table[2]["adherence"])
-    checks = {"student_fid_at_most_half_teacher_4": fid_student <= 0.5 * fid_teacher_4,
+    checks = {"student_excess_below_teacher_4_excess": excess_student < excess_teacher_4,
               "student_adherence_within_3_points": adherence_gap <= 3.0}
     total = time.perf_counter() - started
+    reference = metric.reference_seeds
     header = (f"# Demo: FLUX-Lightning on the tiny digit teacher\n\n"
               f"`python examples/flux_lightning/run_demo.py {' '.join(argv if argv is not None else sys.argv[1:])}`: "
               f"{args.method}, {recipe.max_train_steps} steps (batch {recipe.train_batch_size}, LoRA rank "
               f"{recipe.lora_rank}, lr {recipe.learning_rate:g}, N = {recipe.num_euler_timesteps}, "
-              f"K = {recipe.multiphase}), {len(reference.labels)} evaluation images "
-              f"({per_digit} per digit, seeds {eval_set.first_seed}..{eval_set.first_seed + len(reference.labels) - 1}, "
-              f"the same seeds in every row). FID on the digit classifier's 64-d features.")
-    footer = (f"Student FID / teacher-4 FID = {fid_student / max(fid_teacher_4, 1e-12):.3f} (target <= 0.5); "
-              f"student adherence {adherence_gap:+.1f} points below the teacher's 50 steps (target <= 3).\n\n"
+              f"K = {recipe.multiphase}). Distribution FID on the digit classifier's 64-d features: every row has "
+              f"{10 * per_digit} images from seeds {MEASURE_SEEDS.first_seed}.. and is compared with "
+              f"{len(reference.seeds)} teacher-50 images from the disjoint seeds {reference.first_seed}..; the noise "
+              f"floor is the teacher's own 50 steps on the row seeds ({floor:.3f}) and excess = FID - floor. "
+              f"Same-seed FID: vs the teacher's 50 steps on the row's own seeds; FID real: vs "
+              f"{len(metric.real.labels)} held-out real digits.")
+    footer = (f"Student excess {excess_student:.3f} vs the teacher's 4 Euler steps {excess_teacher_4:.3f} "
+              f"(ratio {excess_student / max(excess_teacher_4, 1e-12):.2f}); student adherence "
+              f"{adherence_gap:+.1f} points below the teacher's 50 steps (target <= 3).\n\n"
               f"Training {train_seconds:.0f} s, evaluation {eval_seconds:.0f} s, total {total:.0f} s.\n\n"
-              f"![grid](grid.png) (columns: teacher 50 steps | teacher 4 steps | student 4 steps)")
-    extra = {"method": args.method, "recipe": recipe.__dict__, "checks": checks, "train_seconds": train_seconds,
-             "eval_seconds": eval_seconds, "total_seconds": total, "lora": str(student_lora), "grid": str(grid)}
+              f"![grid](grid.png) (columns: teacher 50 steps | teacher 4 steps | student)")
+    extra = {"method": args.method, "recipe": recipe.__dict__, "checks": checks, "metric": metric.description(),
+             "train_seconds": train_seconds, "eval_seconds": eval_seconds, "total_seconds": total,
+             "lora": str(student_lora), "grid": str(grid)}
     results = write_results(table, output_dir, "results", header, footer, extra)
     print("\n" + markdown_table(table) + "\n")
     print(f"[demo] {footer.splitlines()[0]}")

@@ -1,13 +1,9 @@
-"""Generate, measure and report the demo: teacher and students on the same prompts and seeds.
+"""Generate and report the demo: teacher and student image sets, the results table, the comparison grid.
 
-Every row of the table is a set of images ``[N, 3, R, R]`` for the labels ``0,0,..,9,9`` (``images_per_digit``
-each) from the seeds ``first_seed + i`` (the noise ``FluxPipeline(seed=...)`` draws), judged by the folder's
-digit classifier (``metrics.py``):
-
-    FID vs teacher-50   Frechet distance of the classifier's 64-d penultimate features, row vs the teacher's
-                        50-step images of the same seeds (the demo's FID-FLUX)
-    adherence           share of images classified as the prompt's digit (the demo's CLIP score)
-    s / image           wall time of sampling and decoding divided by the number of images
+Every image set is ``[N, 3, R, R]`` for the labels ``0,0,..,9,9`` (``images_per_digit`` each) from the seeds
+``first_seed + i`` (the noise ``FluxPipeline(seed=...)`` draws); ``distribution_fid.py`` measures them (FID
+with disjoint seeds, excess over the noise floor, same-seed FID, FID vs real digits, adherence), and
+``s / image`` is the wall time of sampling and decoding divided by the number of images.
 
 Samplers: the teacher takes FLUX's ``n``-step Euler levels with true CFG (two passes per step); a student takes
 the K Euler jumps between the phase edges its LoRA metadata names (``schedules.phase_sigmas``), conditional
@@ -27,11 +23,11 @@ from ppdiffusers_fast import schedules
 from ppdiffusers_fast.models.lora import set_adapter_scale, use_adapters
 from ppdiffusers_fast.models.lora_io import load_lora
 from ppdiffusers_fast.schedulers.samplers import sample_euler
-from .metrics import adherence, eval_labels_and_seeds, feature_fid, save_digit_grid
+from .metrics import eval_labels_and_seeds, save_digit_grid
 from .teacher import DemoTeacher, euler_sigmas
 
-__all__ = ["EvalSet", "ImageSet", "teacher_images", "student_images", "measure", "markdown_table",
-           "write_results", "save_comparison_grid"]
+__all__ = ["EvalSet", "ImageSet", "teacher_images", "load_student", "sample_student", "student_images",
+           "markdown_table", "write_results", "save_comparison_grid"]
 
 
 @dataclass
@@ -81,11 +77,10 @@ def teacher_images(teacher: DemoTeacher, eval_set: EvalSet, steps: int, name: Op
     return ImageSet(name or f"teacher, {steps} Euler steps", steps, images, labels, per_image, note)
 
 
-def student_images(teacher: DemoTeacher, lora_path, eval_set: EvalSet, adapter_name: str, name: str,
-                   note: str = "", live_with: Sequence[str] = (), scale: Optional[float] = None) -> ImageSet:
-    """A student LoRA on the teacher's base, sampled with the steps and levels of its metadata.
+def load_student(teacher: DemoTeacher, lora_path, adapter_name: str, scale: Optional[float] = None):
+    """Load a student LoRA as adapter ``adapter_name`` (not live); returns ``(sampling metadata, sigmas [K + 1])``.
 
-    ``live_with``: adapters already in the model that stay live with the student (e.g. a style LoRA);
+    The sigmas are the K Euler jumps between the phase edges its metadata names (``schedules.phase_sigmas``);
     ``scale``: the student's scale (default: its metadata's ``lora_scale``).
     """
     metadata = load_lora(teacher.transformer, lora_path, adapter_name)
@@ -97,6 +92,15 @@ def student_images(teacher: DemoTeacher, lora_path, eval_set: EvalSet, adapter_n
     set_adapter_scale(teacher.transformer, adapter_name, scale)
     sigmas = schedules.phase_sigmas(int(sampling["multiphase"]), int(sampling["num_euler_timesteps"]),
                                     schedules.resolution_mu(teacher.image_tokens))
+    return sampling, sigmas
+
+
+def sample_student(teacher: DemoTeacher, adapter_name: str, sigmas, eval_set: EvalSet, name: str,
+                   note: str = "", extra: Optional[dict] = None, live_with: Sequence[str] = ()) -> ImageSet:
+    """Images of a loaded student adapter: Euler jumps over ``sigmas``, conditional only (one pass per step).
+
+    ``live_with``: adapters already in the model that stay live with the student (e.g. a style LoRA).
+    """
     labels, seeds = eval_set.labels_and_seeds
 
     def sample(lab, sd):
@@ -110,26 +114,27 @@ def student_images(teacher: DemoTeacher, lora_path, eval_set: EvalSet, adapter_n
             return teacher.decode(sample_euler(velocity, teacher.initial_noise(sd), sigmas))
 
     images, per_image = _sample_in_batches(sample, labels, seeds, eval_set.batch_size, f"{name}")
-    steps = int(sampling["multiphase"])
-    return ImageSet(name, steps, images, labels, per_image, note, {"sampling": sampling})
+    return ImageSet(name, len(sigmas) - 1, images, labels, per_image, note, dict(extra or {}))
 
 
-def measure(classifier, reference: ImageSet, rows: Sequence[ImageSet]) -> List[dict]:
-    """Table rows: method, steps, FID vs the reference (teacher 50 steps), adherence, seconds per image."""
-    table = []
-    for row in rows:
-        fid = 0.0 if row is reference else feature_fid(classifier, row.images, reference.images)
-        table.append({"method": row.name, "steps": row.steps, "fid_vs_teacher_50": fid,
-                      "adherence": adherence(classifier, row.images, row.labels),
-                      "seconds_per_image": row.seconds_per_image, "note": row.note, "images": len(row.labels)})
-    return table
+def student_images(teacher: DemoTeacher, lora_path, eval_set: EvalSet, adapter_name: str, name: str,
+                   note: str = "", live_with: Sequence[str] = (), scale: Optional[float] = None) -> ImageSet:
+    """A student LoRA on the teacher's base, sampled with the steps and levels of its metadata.
+
+    ``live_with``: adapters already in the model that stay live with the student (e.g. a style LoRA);
+    ``scale``: the student's scale (default: its metadata's ``lora_scale``).
+    """
+    sampling, sigmas = load_student(teacher, lora_path, adapter_name, scale)
+    return sample_student(teacher, adapter_name, sigmas, eval_set, name, note, {"sampling": sampling}, live_with)
 
 
 def markdown_table(table: Sequence[dict]) -> str:
-    lines = ["| method | steps | FID vs teacher-50 | adherence | s / image |", "|---|---:|---:|---:|---:|"]
+    """Rows of the distribution metric (``distribution_fid.DistributionMetric.row`` plus method and steps)."""
+    lines = ["| method | steps | FID (disjoint seeds) | excess over floor | FID same-seed | FID real | adherence | "
+             "s / image |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in table:
-        fid = "0 (reference)" if row["fid_vs_teacher_50"] == 0.0 else f"{row['fid_vs_teacher_50']:.3f}"
-        lines.append(f"| {row['method']} | {row['steps']} | {fid} | {100 * row['adherence']:.1f}% | "
+        lines.append(f"| {row['method']} | {row['steps']} | {row['fid_disjoint']:.3f} | {row['excess']:.3f} | "
+                     f"{row['fid_same_seed']:.3f} | {row['fid_real']:.3f} | {100 * row['adherence']:.1f}% | "
                      f"{row['seconds_per_image']:.4f} |")
     return "\n".join(lines)
 
