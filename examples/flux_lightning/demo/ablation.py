@@ -8,8 +8,9 @@ Rows: the teacher with 1, 2, 4 and 8 Euler steps (references), then one row per 
 each student trained with the demo recipe of ``distill.METHOD_RECIPES`` (same latent cache, budget, LoRA shape
 and learning rate) with K phases, then sampled with its K steps. Metric (``distribution_fid.py``): FID of 1000
 images from seeds B against 1000 teacher-50 images from disjoint seeds A, the noise floor (teacher-50 on B) and
-``excess = FID - floor``, the same-seed FID, FID vs the 600 held-out real digits, adherence, and the same row on
-a third seed set C (``excess_C``: the metric's own spread). Each finished row is written to
+``excess = FID - floor``, the same-seed FID, FID vs the 600 held-out real digits, adherence, and the excess on each
+half of B (two disjoint seed sets of 500 with their own floors: the metric's own spread). Each finished row is
+written to
 ``<output_dir>/ablation.json`` at once; a rerun skips finished rows and resumes a student from its newest
 checkpoint. Writes ``ablation.md`` (rows, then mean and spread per method and K) and ``ablation.png`` (excess
 FID against steps per method).
@@ -28,7 +29,10 @@ ROW_LABELS = {"pcm": "PCM", "pcm_adv": "PCM + adv", "pcm_adv_dmd": "PCM + adv + 
               "flux_lightning": "FLUX-Lightning (PCM + adv + DMD + reflow)",
               "flux_lightning_phase_end": "FLUX-Lightning, DMD on the phase-end prediction",
               "flux_lightning_student_x0": "FLUX-Lightning, DMD on x_i - sigma_i v",
-              "dmd2": "DMD2 (adapter fake score)"}
+              "pcm_dmd_phase_end": "PCM + DMD on the phase-end prediction",
+              "pcm_dmd_student_x0": "PCM + DMD on x_i - sigma_i v",
+              "dmd2": "DMD2 (adapter fake score)", "dmd2_u5": "DMD2, 5 fake-score updates per generator update",
+              "dmd2_u1_fake_lr_1e-2": "DMD2, generator every step, fake-score lr 1e-2"}
 TEACHER_STEPS = (1, 2, 4, 8)
 COMMITTED_STUDENTS = ("student_lora.safetensors", "student_2step_lora.safetensors", "student_1step_lora.safetensors")
 RESULTS_NAME = "ablation.json"
@@ -45,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_train_steps", type=int, default=None, help="training budget (default: the recipe's)")
     p.add_argument("--images_per_digit", type=int, default=100, help="measured images per digit and seed set")
     p.add_argument("--reference_cache", default=None, help="cached teacher sets (default <output_dir>/reference)")
+    p.add_argument("--teacher_steps", default=",".join(map(str, TEACHER_STEPS)),
+                   help="the teacher's Euler step counts measured as reference rows ('' for none)")
     p.add_argument("--committed", action="store_true", help="only measure the committed students of the demo folder")
+    p.add_argument("--curves", action="store_true",
+                   help="also measure every kept checkpoint of each student (training curves in ablation.json)")
     return p
 
 
@@ -60,15 +68,15 @@ def load_results(path: Path) -> dict:
 
 
 def summarize(rows: Sequence[dict]) -> List[dict]:
-    """Mean over training seeds per (method, K), the seed spread (max - min) and the metric spread
-    (mean |excess - excess_C|)."""
+    """Mean over training seeds per (method, K), the seed spread (max - min) and the metric spread (mean over the
+    rows of |excess(B1) - excess(B2)|, the two halves of the measured seeds)."""
     groups: Dict[tuple, List[dict]] = {}
     for row in rows:
         groups.setdefault((row["method"], row["K"]), []).append(row)
     out = []
     for (method, k), members in groups.items():
         excess = [m["excess"] for m in members]
-        spread_metric = [abs(m["excess"] - m["excess_C"]) for m in members if m.get("excess_C") is not None]
+        spread_metric = [m["metric_spread"] for m in members]
         out.append({"method": method, "K": k, "seeds": len(members),
                     "fid_disjoint": sum(m["fid_disjoint"] for m in members) / len(members),
                     "excess": sum(excess) / len(excess), "seed_spread": max(excess) - min(excess),
@@ -85,26 +93,27 @@ def _num(value, fmt="{:.2f}"):
 
 def markdown(results: dict, command: str) -> str:
     metric = results.get("metric", {})
-    floor = metric.get("floor", {})
+    floor = metric.get("floor")
     rows = results["rows"]
     lines = [
         "# Demo ablation: distribution FID at 1, 2 and 4 steps", "",
         f"`{command}`", "",
-        f"Reference: {metric.get('images_per_set', '?')} teacher-50 images from seeds A; every row measured on "
-        f"seeds B (and C for the metric's spread), disjoint from A. Noise floor (teacher-50 on B vs A): "
-        f"{_num(floor.get('B'))} (on C: {_num(floor.get('C'))}). excess = FID - floor. FID on the digit "
+        f"Reference: {metric.get('reference_images', '?')} teacher-50 images from seeds A; every row measured on "
+        f"{metric.get('measured_images', '?')} images from seeds B, disjoint from A. Noise floor (teacher-50 on B vs "
+        f"A): {_num(floor if not isinstance(floor, dict) else None, '{:.3f}')}. excess = FID - floor; metric spread = "
+        f"|excess on B1 - excess on B2|, the two halves of B (500 images each, each with its own floor). FID on the digit "
         f"classifier's 64-d features; same-seed FID = vs teacher-50 on the row's own seeds (B); FID real = vs the "
         f"{metric.get('real_digits', '?')} held-out real digits.", "",
-        "| method | K | seed | FID (disjoint) | excess | excess on C | FID same-seed | FID real | adherence | "
+        "| method | K | seed | FID (disjoint) | excess | metric spread | FID same-seed | FID real | adherence | "
         "train s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         lines.append(f"| {row['label']} | {row['K']} | {_num(row['seed'], '{}')} | {row['fid_disjoint']:.2f} | "
-                     f"{row['excess']:.2f} | {_num(row.get('excess_C'))} | {row['fid_same_seed']:.2f} | "
+                     f"{row['excess']:.2f} | {_num(row.get('metric_spread'))} | {row['fid_same_seed']:.2f} | "
                      f"{row['fid_real']:.2f} | {100 * row['adherence']:.1f}% | {_num(row.get('train_seconds'), '{:.0f}')} |")
     students = [r for r in rows if r["kind"] == "student"]
     if students:
         lines += ["", "Per method and K (mean over training seeds; seed spread = max - min of excess; metric spread "
-                      "= mean |excess(B) - excess(C)|):", "",
+                      "= mean |excess(B1) - excess(B2)|):", "",
                   "| method | K | seeds | mean FID | mean excess | seed spread | metric spread | min adherence |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for s in summarize(students):
@@ -112,7 +121,41 @@ def markdown(results: dict, command: str) -> str:
                          f"{s['fid_disjoint']:.2f} | {s['excess']:.2f} | {s['seed_spread']:.2f} | "
                          f"{_num(s['metric_spread'])} | {100 * s['adherence']:.1f}% |")
     lines += ["", "![excess FID vs steps](ablation.png)", ""]
+    curves = [r for r in rows if r.get("curve")]
+    if curves:
+        lines += ["## Training curves", "", "Distribution FID (excess) of the kept checkpoints:", "",
+                  "| run | " + " | ".join(f"step {p['step']}" for p in curves[0]["curve"]) + " |",
+                  "|---|" + "---:|" * len(curves[0]["curve"])]
+        for row in curves:
+            lines.append(f"| {row['label']} K={row['K']} seed {row['seed']} | " + " | ".join(
+                f"{p['fid_disjoint']:.2f} ({p['excess']:.2f})" for p in row["curve"]) + " |")
+        lines += ["", "![training curves](ablation_curves.png)", ""]
     return "\n".join(lines)
+
+
+def save_curves_plot(rows: Sequence[dict], path) -> Optional[Path]:
+    """Excess FID at each kept checkpoint, one line per run that has a curve."""
+    curves = [r for r in rows if r.get("curve")]
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for row in curves:
+        axis.plot([p["step"] for p in row["curve"]], [p["excess"] for p in row["curve"]], marker="o",
+                  label=f"{row['label']} K={row['K']} seed {row['seed']}")
+    axis.set_yscale("log")
+    axis.set_xlabel("training step")
+    axis.set_ylabel("excess FID over the noise floor")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return Path(path)
 
 
 def save_plot(rows: Sequence[dict], path) -> Path:
@@ -155,6 +198,7 @@ def write_outputs(results: dict, output_dir: Path, command: str) -> None:
     write_json_atomic(output_dir / RESULTS_NAME, results)
     (output_dir / "ablation.md").write_text(markdown(results, command), encoding="utf-8")
     save_plot(results["rows"], output_dir / "ablation.png")
+    save_curves_plot(results["rows"], output_dir / "ablation_curves.png")
 
 
 def train_seconds_of(row_dir: Path, seconds_now: float) -> float:
@@ -163,6 +207,45 @@ def train_seconds_of(row_dir: Path, seconds_now: float) -> float:
     total = seconds_now + (json.loads(record.read_text())["train_seconds"] if record.is_file() else 0.0)
     record.write_text(json.dumps({"train_seconds": total}))
     return total
+
+
+def checkpoint_lora(checkpoint: Path, template: Path, target: Path) -> Path:
+    """The student adapter of a training checkpoint written as a LoRA file, with the keys and sampling metadata of
+    ``template`` (the run's exported LoRA); checkpoint names are ``denoiser.transformer.<module>.lora_adapters.
+    student.lora_A`` (the method's structured names)."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    stored = load_file(str(checkpoint / "trainable.safetensors"))
+    with safe_open(str(template), "np") as handle:
+        metadata = handle.metadata()
+        keys = list(handle.keys())
+    tensors = {}
+    for key in keys:
+        module, _, part = key.rpartition(".")
+        name = f"denoiser.transformer.{module}.lora_adapters.student.{part}"
+        if name not in stored:
+            raise KeyError(f"{checkpoint}: no {name} for the LoRA key {key}")
+        tensors[key] = stored[name]
+    temp = target.with_name(target.name + ".tmp")
+    save_file(tensors, str(temp), metadata=metadata)
+    temp.replace(target)
+    return target
+
+
+def measure_curve(metric, teacher, classifier, row_dir: Path, lora: Path) -> List[dict]:
+    """Distribution FID of every kept checkpoint of a run (its training curve)."""
+    from .distribution_fid import measure_student
+
+    points = []
+    for checkpoint in sorted(row_dir.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1])):
+        step = int(checkpoint.name.split("-")[1])
+        exported = checkpoint_lora(checkpoint, lora, row_dir / f"curve_{step}.safetensors")
+        measured, _ = measure_student(metric, teacher, classifier, exported, f"{row_dir.name}_curve_{step}")
+        points.append({"step": step, **measured})
+        print(f"[ablation] {row_dir.name} checkpoint {step}: FID {measured['fid_disjoint']:.2f}, excess "
+              f"{measured['excess']:.2f}", flush=True)
+    return points
 
 
 def _split(text: str, cast=str) -> List:
@@ -181,7 +264,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--steps must be positive step counts, got {ks}")
     started = time.perf_counter()
     from .classifier import load_classifier
-    from .distill import CACHE_NAME, build_latent_cache, distill, recipe_for
+    from .distill import CACHE_NAME, build_latent_cache, distill, lora_file_name, recipe_for
     from .distribution_fid import build_metric, measure_student
     from .teacher import DemoTeacher, read_demo_config
 
@@ -206,7 +289,7 @@ def main(argv=None) -> dict:
               f"excess {row['excess']:.2f}, same-seed {row['fid_same_seed']:.2f}, adherence "
               f"{100 * row['adherence']:.1f}%", flush=True)
 
-    for steps in TEACHER_STEPS:
+    for steps in _split(args.teacher_steps, int):
         row = {"kind": "teacher", "method": "teacher", "label": f"teacher, {steps} Euler steps", "K": steps,
                "seed": None}
         if row_key(row) not in done:
@@ -218,7 +301,7 @@ def main(argv=None) -> dict:
             lora = folder / name
             if not lora.is_file() or f"committed:{name}" in measured_methods:
                 continue
-            measured, sampling, _ = measure_student(metric, teacher, classifier, lora, f"committed_{len(done)}")
+            measured, sampling = measure_student(metric, teacher, classifier, lora, f"committed_{len(done)}")
             add({"kind": "committed", "method": f"committed:{name}", "label": f"committed {name}",
                  "K": int(sampling["multiphase"]), "seed": None, "sampling": sampling, **measured,
                  "train_seconds": None})
@@ -236,12 +319,16 @@ def main(argv=None) -> dict:
                     build_latent_cache(cache, teacher, folder)
                 recipe = recipe_for(method, multiphase=k, max_train_steps=args.max_train_steps)
                 row_dir = output_dir / f"{method}_k{k}_s{seed}"
-                print(f"[ablation] training {method} K={k} seed {seed} for {recipe.max_train_steps} steps", flush=True)
+                print(f"[ablation] {method} K={k} seed {seed}: {recipe.max_train_steps} training steps", flush=True)
                 begin = time.perf_counter()
-                lora = distill(recipe, row_dir, folder, seed=seed, data_path=cache,
-                               log=lambda m: print(f"[ablation] {m}", flush=True))
+                lora = row_dir / lora_file_name(recipe.method)
+                if not lora.is_file():  # a finished student is measured as it is
+                    lora = distill(recipe, row_dir, folder, seed=seed, data_path=cache,
+                                   log=lambda m: print(f"[ablation] {m}", flush=True))
                 seconds = train_seconds_of(row_dir, time.perf_counter() - begin)
-                measured, sampling, _ = measure_student(metric, teacher, classifier, lora, f"{method}_k{k}_s{seed}")
+                measured, sampling = measure_student(metric, teacher, classifier, lora, f"{method}_k{k}_s{seed}")
+                if args.curves:
+                    row["curve"] = measure_curve(metric, teacher, classifier, row_dir, lora)
                 add({**row, **measured, "train_seconds": seconds, "train_steps": recipe.max_train_steps,
                      "lora": str(lora)})
     print(f"[ablation] {len(results['rows'])} rows in {output_dir / RESULTS_NAME}; "

@@ -104,6 +104,10 @@ METHOD_RECIPES: Dict[str, DemoRecipe] = {
     "pcm": DemoRecipe(method="pcm", **_PCM_ONLY),
     "pcm_adv": DemoRecipe(use_dmd_loss=False, apply_reflow_loss=False, dmd_weight=None, reflow_loss_weight=None),
     "pcm_adv_dmd": DemoRecipe(apply_reflow_loss=False, reflow_loss_weight=None),
+    "pcm_dmd_phase_end": DemoRecipe(adv_weight=0.0, adv_lr=None, adv_head_channels=None, apply_reflow_loss=False,
+                                    reflow_loss_weight=None, dmd_placement="phase_end"),
+    "pcm_dmd_student_x0": DemoRecipe(adv_weight=0.0, adv_lr=None, adv_head_channels=None, apply_reflow_loss=False,
+                                     reflow_loss_weight=None, dmd_placement="student_x0"),
     "flux_lightning_phase_end": DemoRecipe(dmd_placement="phase_end"),
     "flux_lightning_student_x0": DemoRecipe(dmd_placement="student_x0"),
     "dmd2": DemoRecipe(method="dmd2", loss_type=None, huber_c=None, adv_weight=None, adv_alternate=None,
@@ -111,6 +115,13 @@ METHOD_RECIPES: Dict[str, DemoRecipe] = {
                        dmd_weight=None, apply_reflow_loss=None, reflow_loss_weight=None, dmd_fake_score="adapter",
                        dmd_fake_score_updates=2, dmd2_gan_weight=5e-3),
 }
+# DMD2 settings compared on the demo (docs/demo_ablation.md): 5 fake-score updates per generator update at the
+# common lr, or a generator update every step with a 3.3x faster fake score; checkpoints every 50 steps (curves).
+METHOD_RECIPES["dmd2_u5"] = replace(METHOD_RECIPES["dmd2"], dmd_fake_score_updates=5, checkpointing_steps=50,
+                                    checkpoints_total_limit=10)
+METHOD_RECIPES["dmd2_u1_fake_lr_1e-2"] = replace(METHOD_RECIPES["dmd2"], dmd_fake_score_updates=1,
+                                                 dmd_fake_score_lr=1e-2, checkpointing_steps=50,
+                                                 checkpoints_total_limit=10)
 
 
 def recipe_for(name: str, **overrides) -> DemoRecipe:

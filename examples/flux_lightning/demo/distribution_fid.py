@@ -13,9 +13,9 @@ seeds*, scores below the sampling noise floor (it copies trajectories, the FID n
     fid_real      = FID(X_B, held-out real digits)  (the 600 digits of the classifier split, never seen by the teacher)
     adherence     = share of X_B classified as the prompted digit
 
-The metric's own spread: the same row measured on a second disjoint seed set C (``SPREAD_SEEDS``, with its own
-floor) gives ``excess_spread = excess_C``; |excess - excess_C| is the metric's noise next to the training-seed
-spread. Teacher sets are cached on disk (:class:`FeatureCache`: features, predicted digits, seconds per image;
+The metric's own spread: B split into two disjoint seed sets (the first and second half of every digit's seeds),
+each with its own floor from the same half of the teacher-50 set; |excess(B1) - excess(B2)| is the metric's noise
+at 500 images (larger than at 1000), next to the training-seed spread. Teacher sets are cached on disk (:class:`FeatureCache`: features, predicted digits, seconds per image;
 safetensors) so that rows never recompute them.
 """
 import hashlib
@@ -31,7 +31,7 @@ from ppdiffusers_fast.evaluation.fid import activation_statistics, frechet_dista
 
 from .classifier import DigitClassifier, extract_features, predict_logits
 
-__all__ = ["SeedSet", "REFERENCE_SEEDS", "MEASURE_SEEDS", "SPREAD_SEEDS", "MeasuredSet", "FeatureCache",
+__all__ = ["SeedSet", "REFERENCE_SEEDS", "MEASURE_SEEDS", "MeasuredSet", "FeatureCache",
            "fid_between", "DistributionMetric"]
 
 
@@ -66,7 +66,6 @@ class SeedSet:
 
 REFERENCE_SEEDS = SeedSet("A", 100_000)  # the reference teacher-50 set
 MEASURE_SEEDS = SeedSet("B", 200_000)  # every measured row (and the floor's teacher-50 set)
-SPREAD_SEEDS = SeedSet("C", 300_000)  # a second measured set: the metric's own spread
 
 
 def check_disjoint(*sets: SeedSet) -> None:
@@ -100,6 +99,9 @@ class MeasuredSet:
     @property
     def adherence(self) -> float:
         return float(np.mean(self.predicted == self.labels))
+
+    def subset(self, mask: np.ndarray) -> "MeasuredSet":
+        return MeasuredSet(self.features[mask], self.predicted[mask], self.labels[mask], self.seconds_per_image)
 
 
 def fid_between(a: MeasuredSet, b: MeasuredSet) -> float:
@@ -151,52 +153,53 @@ class DistributionMetric:
         measure_teacher: ``(seed_set, num_steps) -> MeasuredSet``: the teacher's Euler steps with its true CFG.
         real: the held-out real digits, measured.
         cache: where teacher sets are kept.
-        spread: also measure every row on ``SPREAD_SEEDS`` (the metric's own spread).
-        reference_seeds, measure_seeds, spread_seeds: the seed sets (disjoint; checked).
+        reference_seeds, measure_seeds: the seed sets (disjoint; checked).
     """
 
     def __init__(self, measure_teacher: Callable[[SeedSet, int], MeasuredSet], real: MeasuredSet,
-                 cache: FeatureCache, spread: bool = True, reference_seeds: SeedSet = REFERENCE_SEEDS,
-                 measure_seeds: SeedSet = MEASURE_SEEDS, spread_seeds: SeedSet = SPREAD_SEEDS):
-        check_disjoint(reference_seeds, measure_seeds, spread_seeds)
+                 cache: FeatureCache, reference_seeds: SeedSet = REFERENCE_SEEDS,
+                 measure_seeds: SeedSet = MEASURE_SEEDS):
+        check_disjoint(reference_seeds, measure_seeds)
         self.measure_teacher = measure_teacher
         self.real = real
         self.cache = cache
-        self.seed_sets = [measure_seeds] + ([spread_seeds] if spread else [])
-        self.reference_seeds = reference_seeds
+        self.reference_seeds, self.measure_seeds = reference_seeds, measure_seeds
         self.reference = self.teacher(reference_seeds, 50)
-        self.teacher_50 = {s.name: self.teacher(s, 50) for s in self.seed_sets}
-        self.floor = {s.name: fid_between(self.teacher_50[s.name], self.reference) for s in self.seed_sets}
+        self.teacher_50 = self.teacher(measure_seeds, 50)
+        self.floor = fid_between(self.teacher_50, self.reference)
+        self.half_floors = [fid_between(half, self.reference) for half in self.halves(self.teacher_50)]
 
     def teacher(self, seed_set: SeedSet, steps: int) -> MeasuredSet:
         """The teacher's ``steps``-step set on ``seed_set`` (cached)."""
         return self.cache.get(f"teacher{steps}_{seed_set.key()}", lambda: self.measure_teacher(seed_set, steps))
 
-    def row(self, sets: Dict[str, MeasuredSet]) -> dict:
-        """Metric columns of one row measured on each seed set (``{"B": ..., "C": ...}``)."""
-        main = self.seed_sets[0].name
-        out = {}
-        for seed_set in self.seed_sets:
-            measured = sets[seed_set.name]
-            fid = fid_between(measured, self.reference)
-            suffix = "" if seed_set.name == main else f"_{seed_set.name}"
-            out[f"fid_disjoint{suffix}"] = fid
-            out[f"excess{suffix}"] = fid - self.floor[seed_set.name]
-            if suffix:
-                continue
-            out["fid_same_seed"] = fid_between(measured, self.teacher_50[main])
-            out["fid_real"] = fid_between(measured, self.real)
-            out["adherence"] = measured.adherence
-            out["seconds_per_image"] = measured.seconds_per_image
-        return out
+    def halves(self, measured: MeasuredSet) -> List[MeasuredSet]:
+        """The set split into two disjoint seed sets: the first and the second half of every digit's images."""
+        per_digit = self.measure_seeds.images_per_digit
+        position = np.arange(len(measured.labels)) % per_digit
+        return [measured.subset(position < per_digit // 2), measured.subset(position >= per_digit // 2)]
+
+    def row(self, measured: MeasuredSet) -> dict:
+        """Metric columns of one row measured on the seeds B (``measure_seeds``).
+
+        ``excess_halves``: the excess of each half of B (two disjoint seed sets, each with its own floor from the
+        same half of the teacher-50 set); ``metric_spread = |difference|`` is the metric's own noise at half size.
+        """
+        fid = fid_between(measured, self.reference)
+        halves = [fid_between(half, self.reference) - floor
+                  for half, floor in zip(self.halves(measured), self.half_floors)]
+        return {"fid_disjoint": fid, "excess": fid - self.floor,
+                "fid_same_seed": fid_between(measured, self.teacher_50), "fid_real": fid_between(measured, self.real),
+                "adherence": measured.adherence, "seconds_per_image": measured.seconds_per_image,
+                "excess_halves": halves, "metric_spread": abs(halves[0] - halves[1])}
 
     def teacher_row(self, steps: int) -> dict:
-        return self.row({s.name: self.teacher(s, steps) for s in self.seed_sets})
+        return self.row(self.teacher(self.measure_seeds, steps))
 
     def description(self) -> dict:
-        return {"reference": self.reference_seeds.key(), "measured": [s.key() for s in self.seed_sets],
-                "floor": self.floor, "images_per_set": len(self.reference.labels),
-                "real_digits": len(self.real.labels)}
+        return {"reference": self.reference_seeds.key(), "measured": self.measure_seeds.key(), "floor": self.floor,
+                "half_floors": self.half_floors, "reference_images": len(self.reference.labels),
+                "measured_images": len(self.teacher_50.labels), "real_digits": len(self.real.labels)}
 
 
 def write_json_atomic(path: Union[str, Path], payload) -> Path:
@@ -228,11 +231,11 @@ def real_digits(classifier: DigitClassifier, demo: dict) -> MeasuredSet:
 
 
 def build_metric(teacher, classifier: DigitClassifier, folder: Union[str, Path], demo: dict,
-                 cache_dir: Union[str, Path], images_per_digit: int = 100, spread: bool = True,
+                 cache_dir: Union[str, Path], images_per_digit: int = 100,
                  reference_images_per_digit: int = 100) -> DistributionMetric:
     """The metric for the demo teacher in ``folder``: reference teacher-50 images on seeds A
     (``reference_images_per_digit`` per digit, 1000 by default), measured sets of ``images_per_digit`` per digit on
-    seeds B (and C with ``spread``); teacher sets cached in ``cache_dir``."""
+    seeds B; teacher sets cached in ``cache_dir``."""
     from .report import teacher_images
 
     def measure_teacher(seed_set: SeedSet, steps: int) -> MeasuredSet:
@@ -240,26 +243,20 @@ def build_metric(teacher, classifier: DigitClassifier, folder: Union[str, Path],
         return MeasuredSet.from_images(classifier, images.images, images.labels, images.seconds_per_image)
 
     cache = FeatureCache(cache_dir, folder_fingerprint(folder, FINGERPRINT_FILES))
-    return DistributionMetric(measure_teacher, real_digits(classifier, demo), cache, spread,
+    return DistributionMetric(measure_teacher, real_digits(classifier, demo), cache,
                               reference_seeds=REFERENCE_SEEDS.with_images_per_digit(reference_images_per_digit),
-                              measure_seeds=MEASURE_SEEDS.with_images_per_digit(images_per_digit),
-                              spread_seeds=SPREAD_SEEDS.with_images_per_digit(images_per_digit))
+                              measure_seeds=MEASURE_SEEDS.with_images_per_digit(images_per_digit))
 
 
 def measure_student(metric: DistributionMetric, teacher, classifier: DigitClassifier, lora_path,
-                    adapter_name: str, keep_images: Optional[str] = None):
-    """Metric columns of a student LoRA (sampled as its metadata says) on every measured seed set.
+                    adapter_name: str):
+    """Metric columns of a student LoRA sampled as its metadata says, on the metric's seeds B.
 
-    Returns ``(row, sampling metadata, images of the set named keep_images or None)``.
+    Returns ``(row, sampling metadata)``.
     """
     from .report import load_student, sample_student
 
     sampling, sigmas = load_student(teacher, lora_path, adapter_name)
-    sets, kept = {}, None
-    for seed_set in metric.seed_sets:
-        images = sample_student(teacher, adapter_name, sigmas, seed_set.eval_set(), adapter_name)
-        sets[seed_set.name] = MeasuredSet.from_images(classifier, images.images, images.labels,
-                                                      images.seconds_per_image)
-        if seed_set.name == keep_images:
-            kept = images
-    return metric.row(sets), sampling, kept
+    images = sample_student(teacher, adapter_name, sigmas, metric.measure_seeds.eval_set(), adapter_name)
+    measured = MeasuredSet.from_images(classifier, images.images, images.labels, images.seconds_per_image)
+    return metric.row(measured), sampling

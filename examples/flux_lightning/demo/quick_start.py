@@ -80,12 +80,11 @@ def main(argv=None) -> dict:
     per_digit = args.images_per_digit or (2 if args.quick else 50)
     eval_started = time.perf_counter()
     classifier = load_classifier(folder / CLASSIFIER_WEIGHTS_NAME, demo["resolution"])
-    metric = build_metric(teacher, classifier, folder, demo, args.reference_cache, per_digit, spread=False,
+    metric = build_metric(teacher, classifier, folder, demo, args.reference_cache, per_digit,
                           reference_images_per_digit=2 if args.quick else 100)
-    student_row, _, _ = measure_student(metric, teacher, classifier, student_lora, "demo_student")
-    floor = metric.floor[MEASURE_SEEDS.name]
-    table = [{"method": "teacher, 50 Euler steps (noise floor)", "steps": 50, **metric.row(
-                 {MEASURE_SEEDS.name: metric.teacher_50[MEASURE_SEEDS.name]})},
+    student_row, _ = measure_student(metric, teacher, classifier, student_lora, "demo_student")
+    floor = metric.floor
+    table = [{"method": "teacher, 50 Euler steps (noise floor)", "steps": 50, **metric.row(metric.teacher_50)},
              {"method": "teacher, 4 Euler steps", "steps": 4, **metric.teacher_row(4)},
              {"method": f"student ({args.method}), {recipe.multiphase} steps", "steps": recipe.multiphase,
               **student_row}]
