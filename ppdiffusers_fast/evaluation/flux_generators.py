@@ -2,8 +2,9 @@
 
 The teacher is the base model (no LoRA) with ``teacher_steps``; the student is the same pipeline after
 ``load_loras(path_to_lora, lora_scale)`` (one or several files, e.g. the few-step student and a style LoRA, all
-live) with ``student_steps`` (without a LoRA, the base model at ``student_steps``). The pipeline is loaded on the first image that actually has to be generated, so a
-finished cache never loads FLUX. The teacher must run before the LoRA is loaded (the benchmark's order).
+live) with ``student_steps`` (without a LoRA, the base model at ``student_steps``). The pipeline is loaded on the
+first image that actually has to be generated, so a finished cache never loads FLUX. The teacher must run before
+the LoRA is loaded (the benchmark's order).
 """
 from .generate import pipeline_generate_fn
 

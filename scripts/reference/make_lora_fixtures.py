@@ -316,7 +316,8 @@ def make_interop():
         down = 0.1 * torch.randn(rank, in_features, generator=g)
         up = 0.1 * torch.randn(out_features, rank, generator=g)
         stem = "lora_transformer_" + module.replace(".", "_")
-        named.update({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(alpha)})
+        named.update({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
+                      f"{stem}.alpha": torch.tensor(alpha)})
         modules[module].weight.add_((alpha / rank) * (up @ down))
     save_file(named, str(OUT / "kohya_diffusers_names_adapter.safetensors"))
     outputs["kohya_diffusers_names"] = load_with_diffusers(OUT / "kohya_diffusers_names_adapter.safetensors", inputs)

@@ -387,7 +387,8 @@ def test_two_adapters_live_match_torch_with_one_merged_and_one_live(model, input
 ])
 def test_lora_for_modules_the_model_lacks_names_the_module(model, tmp_path, key, module):
     up_key = key.replace("lora_A", "lora_B").replace("lora_down", "lora_up")
-    save_file({key: np.ones([2, 32], np.float32), up_key: np.ones([32, 2], np.float32)}, str(tmp_path / "x.safetensors"))
+    save_file({key: np.ones([2, 32], np.float32), up_key: np.ones([32, 2], np.float32)},
+              str(tmp_path / "x.safetensors"))
     with pytest.raises(ValueError, match=re.escape(module)):
         import_lora(model, tmp_path / "x.safetensors", "x")
     assert adapter_names(model) == []

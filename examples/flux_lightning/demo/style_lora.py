@@ -29,7 +29,9 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from ppdiffusers_fast.models.lora import LoraConfig, inject_trainable_lora, use_adapters
+from ppdiffusers_fast.models.lora import (
+    DEFAULT_TARGET_MODULES, LoraConfig, inject_trainable_lora, resolve_target_modules, use_adapters,
+)
 from ppdiffusers_fast.models.lora_io import import_lora, save_lora
 from ppdiffusers_fast.schedules import resolution_mu
 
@@ -54,7 +56,7 @@ def ink_coverage(images: np.ndarray) -> float:
 
 
 def train_style_lora(teacher, output_path, steps: int = 400, batch_size: int = 32, learning_rate: float = 2e-3,
-                     rank: int = 8, seed: int = 0, log=print) -> dict:
+                     rank: int = 8, seed: int = 0, target_modules: str = "default", log=print) -> dict:
     """Train the "style" LoRA on bold digits with the teacher's flow-matching loss; save it to ``output_path``.
 
     Returns ``{"steps", "final_loss" (mean of the last 50 steps), "seconds", "ink_coverage_data"}``.
@@ -70,7 +72,9 @@ def train_style_lora(teacher, output_path, steps: int = 400, batch_size: int = 3
     means, stds = encode_posterior(teacher.vae, bold)
     config = teacher.vae.config
     latents = CachedLatents(means, stds, digits.labels, config.shift_factor, config.scaling_factor)
-    inject_trainable_lora(teacher.transformer, LoraConfig(rank=rank, alpha=float(rank)), STYLE_ADAPTER)
+    targets = DEFAULT_TARGET_MODULES if target_modules == "default" else resolve_target_modules(target_modules)
+    inject_trainable_lora(teacher.transformer, LoraConfig(rank=rank, alpha=float(rank), target_modules=targets),
+                          STYLE_ADAPTER)
     recipe = TeacherTrainingConfig()
     with use_adapters(teacher.transformer, STYLE_ADAPTER):
         history = train_transformer(
@@ -81,6 +85,7 @@ def train_style_lora(teacher, output_path, steps: int = 400, batch_size: int = 3
     save_lora(teacher.transformer, STYLE_ADAPTER, output_path)
     final = float(np.mean([h["loss"] for h in history[-50:]]))
     return {"steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "rank": rank,
+            "target_modules": target_modules,
             "final_loss": final, "seconds": time.perf_counter() - started,
             "ink_coverage_data": ink_coverage(bold), "ink_coverage_plain_data": ink_coverage(digits.images)}
 
@@ -166,6 +171,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--train_batch_size", type=int, default=32)
     p.add_argument("--learning_rate", type=float, default=2e-3)
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--lora_target_modules", default="default",
+                   help="default (every Linear of the blocks), a preset (reference, extended) or module-name suffixes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images_per_digit", type=int, default=30, help="evaluation images per digit and row")
     p.add_argument("--without_style", action="store_true",
@@ -185,7 +192,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     elif args.style_lora is None:
         teacher = DemoTeacher.from_folder(args.teacher)
         training = train_style_lora(teacher, style_lora, args.max_train_steps, args.train_batch_size,
-                                    args.learning_rate, args.rank, args.seed)
+                                    args.learning_rate, args.rank, args.seed, args.lora_target_modules)
         (output_dir / "style_training.json").write_text(json.dumps(training, indent=2), encoding="utf-8")
         print(f"style LoRA {style_lora}: {json.dumps(training)}")
     teacher = DemoTeacher.from_folder(args.teacher)  # a fresh base: the style LoRA is loaded from its file
