@@ -69,7 +69,7 @@ def main(argv=None):
                              min_records=args.min_records)
     from ppdiffusers_fast.data.encoders import VaeLatentEncoder
     from ppdiffusers_fast.data.transforms import TrainTransform
-    from ppdiffusers_fast.pipelines.flux_folder import load_vae
+    from ppdiffusers_fast.models.flux_folder import load_vae
 
     image_encoder = VaeLatentEncoder(load_vae(teacher))
     text_encoder = load_text_encoder(teacher, args.max_sequence_length)

@@ -18,8 +18,7 @@ import os
 
 import numpy as np
 import paddle
-from safetensors import safe_open
-from safetensors.numpy import save_file
+from ..models.safetensors_io import open_file, save_file
 
 from .datasets import BAD_KEY, RobustDataLoader, _count
 
@@ -86,8 +85,7 @@ class ShardWriter:
         tensors["indices"] = np.array([s["indices"] for s in self.pending], dtype=np.int64)
         name = f"{self.prefix}-{len(self.shards):05d}.safetensors"
         path = os.path.join(self.output_dir, name)
-        save_file(tensors, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        save_file(tensors, path)  # atomic
         self.shards.append({"file": name, "num_samples": len(self.pending),
                             "latent_shape": list(tensors["latents"].shape[1:])})
         self.pending = []
@@ -194,7 +192,7 @@ class CachedDataset(paddle.io.Dataset):
             self._handles, self._pid = {}, os.getpid()
         if shard_id not in self._handles:
             path = os.path.join(self.cache_dir, self.shards[shard_id]["file"])
-            self._handles[shard_id] = safe_open(path, framework="np")
+            self._handles[shard_id] = open_file(path, framework="np")
         return self._handles[shard_id]
 
     def __getitem__(self, index):

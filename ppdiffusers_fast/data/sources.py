@@ -75,7 +75,7 @@ def has_vae(folder: Optional[Path]) -> bool:
 
 def load_text_encoder(folder: Path, max_sequence_length: int, dtype: str = "float32"):
     """``data.encoders.FluxTextEncoder`` from a FLUX folder's tokenizers and text encoders."""
-    from ..pipelines.flux_folder import load_text_encoders, load_tokenizers
+    from ..models.flux_folder import load_text_encoders, load_tokenizers
     from .encoders import FluxTextEncoder
 
     clip_tokenizer, t5_tokenizer = load_tokenizers(folder)
@@ -195,7 +195,7 @@ def image_loader(data, layout: str, seed: int, rank: int, world: int, max_bad_fr
 
 
 def _image_data(data, layout: str, seed: int, rank: int, world: int, flux_folder: Optional[Path]) -> TrainingData:
-    from ..pipelines.flux_folder import load_vae
+    from ..models.flux_folder import load_vae
     from .encoders import VaeLatentEncoder
 
     if not (has_text_encoders(flux_folder) and has_vae(flux_folder)):

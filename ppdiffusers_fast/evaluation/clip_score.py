@@ -94,18 +94,15 @@ class ClipImagePreprocessor:
 
 
 def _read_safetensors_folder(folder):
-    from safetensors.numpy import load_file
+    from ..models.safetensors_io import load_file
+    from ..models.weights import resolve_weight_files
 
     single = os.path.join(folder, "model.safetensors")
     index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        return dict(load_file(single))
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as handle:
-            shards = sorted(set(json.load(handle)["weight_map"].values()))
+    if os.path.isfile(single) or os.path.isfile(index):
         arrays = {}
-        for shard in shards:
-            arrays.update(load_file(os.path.join(folder, shard)))
+        for file in resolve_weight_files(folder):
+            arrays.update(load_file(file))
         return arrays
     raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json "
                             "(pickled .bin weights are not read; convert them to safetensors)")

@@ -266,7 +266,7 @@ def load_inception_weights(path, model=None):
     """Build (or fill) an :class:`InceptionV3FID` from a safetensors file with pytorch-fid key names."""
     import os
 
-    from safetensors.numpy import load_file
+    from ..models.safetensors_io import load_file
 
     path = str(path)
     if not os.path.isfile(path):

@@ -14,7 +14,6 @@ without the classifier (``fc``), and records the source file's SHA-256 in its me
 import hashlib
 import os
 import re
-import tempfile
 
 import numpy as np
 
@@ -78,9 +77,9 @@ def read_checkpoint(path, trust_pickle=False):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
+        from ..models.safetensors_io import load_file
 
-        return dict(load_file(path))
+        return load_file(path)
     if not path.endswith(PICKLE_SUFFIXES):
         raise ValueError(f"{path}: unsupported weight file type (expected one of .safetensors {PICKLE_SUFFIXES})")
     if not trust_pickle:
@@ -120,7 +119,7 @@ def convert_inception_weights(source, destination, trust_pickle=False):
     Returns a report dict: ``source``, ``source_sha256``, ``source_md5``, ``recognized`` (name of the published
     file, or ""), ``num_tensors``, ``dropped_keys``, ``destination``, ``destination_sha256``.
     """
-    from safetensors.numpy import save_file
+    from ..models.safetensors_io import save_file
 
     source, destination = str(source), str(destination)
     if not destination.endswith(".safetensors"):
@@ -130,16 +129,7 @@ def convert_inception_weights(source, destination, trust_pickle=False):
     recognized = recognize_source(sha256, md5)
     metadata = {"format": "pt", "layout": "pytorch-fid InceptionV3 pool3", "source_file": os.path.basename(source),
                 "source_sha256": sha256, "source_md5": md5, "recognized": recognized}
-    folder = os.path.dirname(os.path.abspath(destination))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(arrays, tmp, metadata=metadata)
-        os.replace(tmp, destination)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_file(arrays, destination, metadata=metadata)  # atomic
     return {"source": source, "source_sha256": sha256, "source_md5": md5, "recognized": recognized,
             "num_tensors": len(arrays), "dropped_keys": dropped, "destination": destination,
             "destination_sha256": file_digests(destination)[0]}

@@ -58,7 +58,6 @@ Every key must be used: unknown keys, wrong shapes, rank mismatches between A an
 """
 import json
 import math
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -67,11 +66,10 @@ from typing import Dict, List, Optional, Tuple
 
 import paddle
 import paddle.nn as nn
-from safetensors import safe_open
-from safetensors.paddle import save_file
 
 from .finite import describe_non_finite, non_finite_names
 from .lora import LoraAdapter, adapter_modules, adapter_names, check_adapter_name, freeze_base, wrap_linear
+from .safetensors_io import open_file, read_header, save_file
 
 FORMAT = "ppdiffusers_fast"
 SAMPLING_KEYS = ("num_inference_steps", "multiphase", "num_euler_timesteps", "guidance_scale", "lora_scale")
@@ -110,12 +108,9 @@ def _resolve_file(path) -> Path:
 def read_safetensors(path) -> Tuple[Dict[str, paddle.Tensor], Dict[str, str], Path]:
     """``(tensors, metadata, file)`` of a safetensors file (or of the single one in a folder)."""
     path = _resolve_file(path)
-    try:
-        with safe_open(str(path), framework="paddle") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as error:  # safetensors raises its own error types for a bad header
-        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+    with open_file(path) as handle:  # checks the header; errors name the file and the key
+        metadata = dict(handle.metadata() or {})
+        tensors = {key: handle.get_tensor(key).clone() for key in handle.keys()}
     bad = non_finite_names(tensors)
     if bad:
         raise ValueError(f"LoRA file {path} holds NaN or infinite values in {describe_non_finite(bad)}; "
@@ -124,19 +119,11 @@ def read_safetensors(path) -> Tuple[Dict[str, paddle.Tensor], Dict[str, str], Pa
 
 
 def _atomic_save(tensors: Dict[str, paddle.Tensor], metadata: Dict[str, str], path) -> None:
-    path = Path(path)
     bad = non_finite_names(tensors)
     if bad:
         raise ValueError(f"refusing to write {path}: the LoRA holds NaN or infinite values in "
                          f"{describe_non_finite(bad)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    save_file(tensors, path, metadata=metadata)
 
 
 def _raise_if(problems: List[str], path, what: str) -> None:
@@ -570,11 +557,7 @@ def read_lora_file(path) -> LoraFile:
 def sampling_settings(path) -> Tuple[Path, dict]:
     """``(file, sampling settings)`` from the header only (no tensor is read): for checks before loading a model."""
     path = _resolve_file(path)
-    try:
-        with safe_open(str(path), framework="numpy") as handle:
-            metadata = dict(handle.metadata() or {})
-    except Exception as error:  # safetensors raises its own error types for a bad header
-        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+    _, metadata, _ = read_header(path)  # checked; errors name the file and the key
     if metadata.get("lora_format") != FORMAT:
         return path, {}
     return path, dict(_our_metadata(metadata, path)["sampling"] or {})

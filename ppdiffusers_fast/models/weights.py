@@ -1,20 +1,25 @@
-"""Load and save FLUX transformer weights as safetensors, with strict key and shape checks.
+"""The one strict loader of safetensors weights into Paddle models, and the FLUX transformer's load and save.
 
-Two layouts:
-- diffusers (PyTorch) layout, as in FLUX.1-dev's ``transformer/`` folder: ``torch.nn.Linear`` weights are
-  ``[out, in]``; one ``diffusion_pytorch_model.safetensors`` or shards listed in
-  ``diffusion_pytorch_model.safetensors.index.json``.
+Layouts:
+- PyTorch layout (diffusers / transformers folders, Black Forest Labs single files): ``torch.nn.Linear`` weights
+  are ``[out, in]`` and are transposed to Paddle's ``[in, out]`` here; one file, or shards listed in an index json.
 - Paddle layout (written by :func:`save_paddle_safetensors`, metadata ``layout=paddle``): ``[in, out]``.
 
-Every check (files present, keys, shapes) runs on the safetensors headers before any tensor is read, and a
-failure raises :class:`WeightLoadError` listing every missing, unexpected and mis-shaped key.
+A load is planned first: each model tensor gets a :class:`SourceTensor` (file, key, and for single-file layouts a
+row range, a half swap or an fp8 scale). Every check (files present, headers valid, every key used, every shape
+right) runs on the headers before any tensor is read; a failure raises :class:`WeightLoadError` listing every
+missing, unexpected and mis-shaped key. Then each shard is mapped once (``safetensors`` ``safe_open``, zero copy)
+and each tensor is transposed and cast at most once, in Paddle, into a buffer that becomes the parameter
+(parameters are created without storage under ``paddle.LazyGuard``): one tensor's temporaries at a time.
 """
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import paddle
+from tqdm.auto import tqdm
 
 from . import safetensors_io
 from .transformer_flux import FluxTransformer2DModel
@@ -25,14 +30,17 @@ INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 PADDLE_LAYOUT = "paddle"
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16"}
+_FP8 = ("F8_E4M3", "F8_E5M2")
 _MAX_LISTED = 30
+_PROGRESS_BYTES = 512 * 1024 * 1024  # show a bar over shards for loads larger than this
 
 
 class WeightLoadError(ValueError):
     """Weights do not fit the model: lists missing, unexpected and shape-mismatched keys."""
 
 
-def _normalize_dtype(dtype) -> str:
+def normalize_dtype(dtype) -> str:
+    """``"float32" | "bfloat16" | "float16"`` for any of their spellings (``paddle.bfloat16``, ``"bf16"``, ...)."""
     name = str(dtype).replace("paddle.", "")
     if name not in _DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; use one of float32, bfloat16, float16")
@@ -74,9 +82,18 @@ def _model_shapes(model: paddle.nn.Layer) -> Dict[str, List[int]]:
     return {name: [int(d) for d in param.shape] for name, param in model.state_dict().items()}
 
 
-def _assign(param: paddle.Tensor, array: np.ndarray) -> None:
-    value = paddle.to_tensor(np.ascontiguousarray(array, dtype=np.float32))
-    param.set_value(value.astype(param.dtype) if value.dtype != param.dtype else value)
+def _assign(param: paddle.Tensor, value: paddle.Tensor) -> None:
+    """Make ``value`` (a tensor this loader owns, already of ``param``'s dtype) the parameter's storage.
+
+    An uninitialised (lazily created) CPU parameter takes the buffer as is (no copy); otherwise the values are
+    copied into the parameter on its device.
+    """
+    if value.dtype != param.dtype:
+        value = value.astype(param.dtype)
+    if not param._is_initialized() and paddle.get_device() == "cpu":
+        value._share_buffer_to(param)
+    else:
+        param.set_value(value)
 
 
 def load_state_dict_strict(model: paddle.nn.Layer, state_dict: Mapping[str, Union[np.ndarray, paddle.Tensor]],
@@ -86,14 +103,34 @@ def load_state_dict_strict(model: paddle.nn.Layer, state_dict: Mapping[str, Unio
     check_keys_and_shapes(_model_shapes(model), found, source)
     params = model.state_dict()
     for key, value in state_dict.items():
-        array = value.astype("float32").numpy() if isinstance(value, paddle.Tensor) else np.asarray(value)
-        _assign(params[key], array)
+        tensor = value if isinstance(value, paddle.Tensor) else paddle.to_tensor(np.ascontiguousarray(value))
+        params[key].set_value(tensor.astype(params[key].dtype))
     return model
 
 
-# ---------------------------------------------------------------------------------------------- checkpoint files
+# ---------------------------------------------------------------------------------------------- planning a load
+@dataclass(frozen=True)
+class SourceTensor:
+    """Where one model tensor comes from, in PyTorch layout.
+
+    ``rows``: take rows ``[begin, end)`` of the stored tensor (a fused qkv / linear1 split); ``swap_halves``:
+    exchange the two halves along the first axis (Black Forest Labs' final norm stores ``[shift, scale]``, the
+    model ``[scale, shift]``); ``scale_key``: float8 weight multiplied by this per-tensor scale when upcast.
+    ``shape`` is the resulting PyTorch-layout shape.
+    """
+
+    file: Path
+    key: str
+    shape: Tuple[int, ...]
+    dtype: str
+    rows: Optional[Tuple[int, int]] = None
+    swap_halves: bool = False
+    scale_key: Optional[str] = None
+
+
 def resolve_weight_files(folder_or_file: Union[str, Path]) -> List[Path]:
-    """The safetensors files of a transformer folder (index json, single file, or one ``*.safetensors``)."""
+    """The safetensors files of a component folder: one file, the shards an ``*.safetensors.index.json``
+    lists, ``diffusion_pytorch_model.safetensors``, or the folder's only ``*.safetensors`` file."""
     path = Path(folder_or_file)
     if path.is_file():
         if path.suffix != ".safetensors":
@@ -101,9 +138,13 @@ def resolve_weight_files(folder_or_file: Union[str, Path]) -> List[Path]:
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"no weights at {path}")
-    index = path / INDEX_NAME
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if indexes:
+        index = path / INDEX_NAME if (path / INDEX_NAME).is_file() else indexes[0]
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{index}: invalid JSON ({err})") from err
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index}: no 'weight_map' in the index")
         files = [path / name for name in sorted(set(weight_map.values()))]
@@ -111,63 +152,132 @@ def resolve_weight_files(folder_or_file: Union[str, Path]) -> List[Path]:
         if absent:
             raise FileNotFoundError(f"{index} lists shard files that do not exist: {', '.join(absent)}")
         return files
-    single = path / WEIGHTS_NAME
-    if single.is_file():
-        return [single]
+    if (path / WEIGHTS_NAME).is_file():
+        return [path / WEIGHTS_NAME]
     candidates = sorted(path.glob("*.safetensors"))
     if len(candidates) == 1:
         return candidates
     raise FileNotFoundError(
-        f"{path}: expected {WEIGHTS_NAME}, or {INDEX_NAME} with its shards, or exactly one .safetensors file "
+        f"{path}: expected {WEIGHTS_NAME}, an index json with its shards, or exactly one .safetensors file "
         f"(found {len(candidates)})"
     )
 
 
-def _read_headers(files: List[Path]) -> Tuple[Dict[str, Tuple[Path, dict, int]], Dict[str, str]]:
-    """Map each tensor name to (file, header entry, data start); reject names present in two files."""
-    entries: Dict[str, Tuple[Path, dict, int]] = {}
+def read_file_entries(files: Sequence[Path]) -> Tuple[Dict[str, SourceTensor], Dict[str, str]]:
+    """``({key: SourceTensor}, merged metadata)`` from the headers of ``files``; a key in two files is an error."""
+    entries: Dict[str, SourceTensor] = {}
     metadata: Dict[str, str] = {}
     for file in files:
-        header, meta, data_start = safetensors_io.read_header(file)
+        header, meta, _ = safetensors_io.read_header(file)
         metadata.update(meta)
-        for name, info in header.items():
-            if name in entries:
-                raise WeightLoadError(f"key {name!r} appears in both {entries[name][0]} and {file}")
-            entries[name] = (file, info, data_start)
+        for key, info in header.items():
+            if key in entries:
+                raise WeightLoadError(f"key {key!r} appears in both {entries[key].file} and {file}")
+            entries[key] = SourceTensor(Path(file), key, tuple(int(d) for d in info["shape"]), info["dtype"])
     return entries, metadata
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _read(handle, source: SourceTensor) -> Tuple[paddle.Tensor, bool]:
+    """The source tensor as Paddle, PyTorch layout; returns ``(tensor, owned)`` (``owned``: not a file view)."""
+    tensor, owned = handle.get_tensor(source.key), False
+    if source.rows is not None:
+        tensor = tensor[source.rows[0]:source.rows[1]]
+    if source.swap_halves:
+        half = tensor.shape[0] // 2
+        tensor, owned = paddle.concat([tensor[half:], tensor[:half]], axis=0), True
+    if source.dtype in _FP8:
+        tensor, owned = tensor.astype("float32"), True
+        if source.scale_key is not None:
+            tensor = tensor * handle.get_tensor(source.scale_key).astype("float32")
+    return tensor, owned
+
+
+def _convert(tensor: paddle.Tensor, owned: bool, dtype, transpose: bool) -> paddle.Tensor:
+    """Transpose (2-D) and cast once each, transposing in the narrower dtype; the result never views the file."""
+    narrowing = paddle.empty([0], dtype=dtype).element_size() < tensor.element_size()
+    if narrowing:
+        tensor, owned = tensor.astype(dtype), True
+    if transpose:
+        tensor, owned = paddle.transpose(tensor, [1, 0]).contiguous(), True
+    if tensor.dtype != dtype:
+        tensor, owned = tensor.astype(dtype), True
+    return tensor if owned else tensor.clone()
+
+
+def load_sources(model: paddle.nn.Layer, sources: Mapping[str, SourceTensor], description: str,
+                 transposed: Optional[set] = None) -> paddle.nn.Layer:
+    """Fill every parameter and buffer of ``model`` from ``sources`` (model name -> :class:`SourceTensor`).
+
+    Args:
+        transposed: model names whose source is a PyTorch ``[out, in]`` Linear weight (default: every
+            ``nn.Linear`` weight); give ``set()`` for a Paddle-layout file.
+    Tied tensors (one tensor under several names, e.g. T5's ``shared`` and ``encoder.embed_tokens``) are filled
+    once from whichever of their names the sources have. Nothing is read before every key and shape checked.
+    """
+    state = model.state_dict()
+    transposed = linear_weight_names(model) if transposed is None else transposed
+    found = {name: list(src.shape[::-1]) if name in transposed and len(src.shape) == 2 else list(src.shape)
+             for name, src in sources.items()}
+    aliases: Dict[int, List[str]] = {}
+    for name, tensor in state.items():
+        aliases.setdefault(id(tensor), []).append(name)
+    for names in aliases.values():  # a tied tensor loaded under one name fills the others
+        present = [n for n in names if n in found]
+        for name in names:
+            if present and name not in found:
+                found[name] = found[present[0]]
+    check_keys_and_shapes(_model_shapes(model), found, source=description)
+
+    by_file: Dict[Path, List[str]] = {}
+    for name, src in sources.items():
+        by_file.setdefault(src.file, []).append(name)
+    total_bytes = sum(f.stat().st_size for f in by_file)
+    for file in tqdm(list(by_file), desc=f"loading {Path(description.split(' ')[0]).name}", unit="shard",
+                     disable=total_bytes < _PROGRESS_BYTES, leave=False):
+        with safetensors_io.open_file(file) as handle:
+            for name in by_file[file]:
+                target = state[name]
+                tensor, owned = _read(handle, sources[name])
+                _assign(target, _convert(tensor, owned, target.dtype, name in transposed and tensor.ndim == 2))
+    return model
 
 
 def load_weights_into(model: paddle.nn.Layer, folder_or_file: Union[str, Path],
                       layout: Optional[str] = None) -> paddle.nn.Layer:
-    """Load safetensors weights into ``model`` with strict checks.
+    """Load a folder or file whose keys are the model's own names, with strict checks.
 
     Args:
-        layout: "diffusers" (Linear weights ``[out, in]``, transposed here) or "paddle"; by default read from
-            the file metadata (``layout=paddle``), else diffusers.
+        layout: "diffusers" (PyTorch layout: Linear weights ``[out, in]``, transposed here) or "paddle"; by
+            default read from the file metadata (``layout=paddle``), else PyTorch layout.
     """
     files = resolve_weight_files(folder_or_file)
-    entries, metadata = _read_headers(files)
+    entries, metadata = read_file_entries(files)
     layout = layout or (PADDLE_LAYOUT if metadata.get("layout") == PADDLE_LAYOUT else "diffusers")
-    transposed = linear_weight_names(model) if layout != PADDLE_LAYOUT else set()
-    found_shapes = {}
-    for name, (_, info, _) in entries.items():
-        shape = [int(d) for d in info["shape"]]
-        found_shapes[name] = shape[::-1] if name in transposed and len(shape) == 2 else shape
-    check_keys_and_shapes(_model_shapes(model), found_shapes, source=f"{folder_or_file} ({layout} layout)")
+    transposed = None if layout != PADDLE_LAYOUT else set()
+    return load_sources(model, entries, f"{folder_or_file} ({layout} layout)", transposed)
 
-    params = model.state_dict()
-    by_file: Dict[Path, List[str]] = {}
-    for name, (file, _, _) in entries.items():
-        by_file.setdefault(file, []).append(name)
-    for file, names in by_file.items():
-        mmap = np.memmap(file, dtype=np.uint8, mode="r")
-        for name in names:
-            _, info, data_start = entries[name]
-            array = safetensors_io.read_tensor(file, info, data_start, mmap)
-            if name in transposed:
-                array = array.T
-            _assign(params[name], array)
-        del mmap
+
+def build_uninitialised(build, dtype: str):
+    """Call ``build()`` with ``dtype`` as default and no storage or initialisation (weights are loaded next)."""
+    from paddlenlp.transformers.model_utils import no_init_weights
+
+    previous = paddle.get_default_dtype()
+    paddle.set_default_dtype(normalize_dtype(dtype))
+    try:
+        with paddle.LazyGuard(), no_init_weights():
+            model = build()
+    finally:
+        paddle.set_default_dtype(previous)
+    return model
+
+
+def finish_loading(model: paddle.nn.Layer, source) -> paddle.nn.Layer:
+    """Refuse parameters left without weights; switch to inference mode."""
+    left = [n for n, p in model.named_parameters() if not p._is_initialized()]
+    if left:
+        raise WeightLoadError(f"{source}: parameters left without weights: {_format_names(left)}")
+    model.eval()
     return model
 
 
@@ -176,55 +286,30 @@ def load_flux_transformer(folder_or_file: Union[str, Path], dtype: str = "float3
 
     ``folder_or_file`` is a diffusers ``transformer/`` folder (sharded or single file) or one ``.safetensors``
     file with ``config.json`` beside it. Weights may be fp32, bf16 or fp16 and are cast to ``dtype``.
-    Parameters are created lazily (``paddle.LazyGuard``) so no memory is spent on a random initialisation.
     """
-    dtype = _normalize_dtype(dtype)
+    dtype = normalize_dtype(dtype)
     path = Path(folder_or_file)
     config_path = (path if path.is_dir() else path.parent) / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} at {config_path}")
     config = json.loads(config_path.read_text())
     resolve_weight_files(path)  # fail on absent files before building the model
-    previous_dtype = paddle.get_default_dtype()
-    paddle.set_default_dtype(dtype)
-    try:
-        with paddle.LazyGuard():
-            model = FluxTransformer2DModel.from_config(config)
-    finally:
-        paddle.set_default_dtype(previous_dtype)
+    model = build_uninitialised(lambda: FluxTransformer2DModel.from_config(config), dtype)
     load_weights_into(model, path)
-    uninitialised = [n for n, p in model.named_parameters() if not p._is_initialized()]
-    if uninitialised:
-        raise WeightLoadError(f"parameters left uninitialised: {_format_names(uninitialised)}")
-    model.eval()
-    return model
+    return finish_loading(model, path)
 
 
 # ---------------------------------------------------------------------------------------------- saving
-def paddle_state_arrays(model: paddle.nn.Layer) -> Dict[str, Tuple[np.ndarray, str]]:
-    """``{name: (array, safetensors dtype)}`` of a model's state dict, bf16 kept bit-exact."""
-    arrays = {}
-    for name, tensor in model.state_dict().items():
-        if tensor.dtype == paddle.bfloat16:
-            bits = safetensors_io.float32_to_bf16_bits(tensor.astype("float32").numpy())
-            arrays[name] = (bits, "BF16")
-        elif tensor.dtype == paddle.float16:
-            arrays[name] = (tensor.numpy(), "F16")
-        else:
-            arrays[name] = (tensor.astype("float32").numpy(), "F32")
-    return arrays
-
-
 def save_paddle_safetensors(model: paddle.nn.Layer, path: Union[str, Path], save_config: bool = True) -> Path:
     """Write the model's weights in Paddle layout to ``path`` (a ``.safetensors`` file, written atomically).
 
-    With ``save_config`` and a model that has a config, ``config.json`` is written beside it, so that
-    :func:`load_flux_transformer` reads the folder back.
+    bfloat16 and float16 weights are written as they are. With ``save_config`` and a model that has a config,
+    ``config.json`` is written beside it, so that :func:`load_flux_transformer` reads the folder back.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: the file name must end in .safetensors")
-    safetensors_io.save_file(paddle_state_arrays(model), path, metadata={"format": "pd", "layout": PADDLE_LAYOUT})
+    safetensors_io.save_file(dict(model.state_dict()), path, metadata={"format": "pd", "layout": PADDLE_LAYOUT})
     if save_config and hasattr(model, "config"):
         config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
         config["_class_name"] = type(model).__name__

@@ -28,8 +28,9 @@ from .. import schedules
 from ..models import lora as lora_lib
 from ..models import lora_io
 from ..models.weights import load_flux_transformer
+from ..models import flux_folder
 from ..schedulers.samplers import few_step_sigmas, sample_euler
-from . import flux_folder
+from ..schedulers.scheduling_flow_match_euler import FlowMatchEulerDiscreteScheduler
 from .latents import decode_latents, latent_image_ids, pack_latents, resolve_seeds, seeded_noise, text_ids
 from .text_encoding import PromptEmbeddings, encode_prompts, repeat_per_image
 
@@ -118,7 +119,7 @@ class FluxPipeline:
         return cls(transformer=load_flux_transformer(folder / "transformer", dtype=dtype),
                    vae=flux_folder.load_vae(folder, "float32"), text_encoder=text_encoder,
                    text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-                   scheduler=flux_folder.load_scheduler(folder))
+                   scheduler=FlowMatchEulerDiscreteScheduler.from_config(flux_folder.read_scheduler_config(folder)))
 
     @property
     def dtype(self) -> str:

@@ -97,7 +97,7 @@ def build_validator(config, data: TrainingData, flux_folder: Optional[Path]) -> 
     generator = np.random.RandomState(config.run.seed or 0)
     noise = paddle.to_tensor(generator.randn(cond.batch_size, *probe.latents.shape[1:]).astype("float32"))
     if vae is None and has_vae(flux_folder):
-        from ..pipelines.flux_folder import load_vae
+        from ..models.flux_folder import load_vae
 
         vae = load_vae(flux_folder)
     decode = (lambda tokens: latent_preview(tokens, (latent_h, latent_w))) if vae is None else \

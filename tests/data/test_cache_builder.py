@@ -13,7 +13,7 @@ from ppdiffusers_fast.data.cache_builder import CacheSettings, assemble_index, b
 from ppdiffusers_fast.data.datasets import collate_samples
 from ppdiffusers_fast.data.encoders import VaeLatentEncoder
 from ppdiffusers_fast.data.sources import load_text_encoder
-from ppdiffusers_fast.pipelines.flux_folder import load_vae
+from ppdiffusers_fast.models.flux_folder import load_vae
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 BAD = (3, 6)  # cut-off image files

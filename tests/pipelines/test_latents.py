@@ -6,7 +6,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ppdiffusers_fast.pipelines.flux_folder import load_vae
+from ppdiffusers_fast.models.flux_folder import load_vae
 from ppdiffusers_fast.pipelines.latents import (
     decode_latents,
     latent_image_ids,

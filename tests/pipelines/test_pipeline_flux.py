@@ -12,7 +12,7 @@ import pytest
 from ppdiffusers_fast.models.lora import LoraConfig, inject_lora, layers_with_adapter
 from ppdiffusers_fast.models.lora_io import save_lora
 from ppdiffusers_fast.models.weights import load_flux_transformer
-from ppdiffusers_fast.pipelines.flux_folder import FluxFolderError
+from ppdiffusers_fast.models.flux_folder import FluxFolderError
 from ppdiffusers_fast.pipelines.pipeline_flux import FluxPipeline
 
 RUN_NAMES = ["single", "batch_true_cfg"]

@@ -3,7 +3,7 @@
 Every weight file of the folder is a PyTorch-layout (diffusers / transformers) safetensors file: ``nn.Linear``
 weights are stored ``[out, in]`` (Paddle keeps ``[in, out]``), everything else as is, with the key names of
 diffusers / transformers. ``FluxPipeline.from_pretrained`` therefore reads the demo folder through the same
-path as the real FLUX.1-dev checkpoint (``pipelines/flux_folder.py``, ``models/weights.py``).
+path as the real FLUX.1-dev checkpoint (``models/flux_folder.py``, ``models/weights.py``).
 
     model_index.json                    component classes, as diffusers writes them
     scheduler/scheduler_config.json     FLUX.1-dev's flow-matching scheduler (dynamic shift)

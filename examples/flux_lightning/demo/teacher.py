@@ -9,7 +9,7 @@ Sampling (ALGORITHMS.md: Notation, Time shift) for ``B`` prompts at the demo res
     image = vae.decode(unpack(x_0) / scaling_factor + shift_factor)   in [-1, 1]   (pipelines.latents.decode_latents)
 
 These are the steps ``FluxPipeline`` takes with ``negative_prompt=""`` and ``true_cfg_scale=w``; the folder loads
-through the same loaders (``pipelines/flux_folder.py``, ``models/weights.load_flux_transformer``).
+through the same loaders (``models/flux_folder.py``, ``models/weights.load_flux_transformer``).
 """
 import json
 from pathlib import Path
@@ -20,7 +20,7 @@ import paddle
 
 from ppdiffusers_fast import schedules
 from ppdiffusers_fast.models.weights import load_flux_transformer
-from ppdiffusers_fast.pipelines import flux_folder
+from ppdiffusers_fast.models import flux_folder
 from ppdiffusers_fast.pipelines.latents import decode_latents, latent_image_ids, pack_latents, seeded_noise, text_ids
 from ppdiffusers_fast.pipelines.text_encoding import encode_prompts
 from ppdiffusers_fast.schedulers.samplers import sample_euler

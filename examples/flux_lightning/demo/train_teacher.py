@@ -118,7 +118,7 @@ def train_demo_teacher(output_dir, model_cfg: DemoModelConfig = DemoModelConfig(
     components.save_torch_layout(t5, stage / "text_encoder_2" / "model.safetensors", t5_cfg)
     components.write_model_index(stage)
     components.write_scheduler_config(stage)
-    from ppdiffusers_fast.pipelines import flux_folder
+    from ppdiffusers_fast.models import flux_folder
 
     table = encode_prompt_table(flux_folder.load_tokenizers(stage), (clip, t5), model_cfg.max_sequence_length)
     distances = prompt_embedding_distances(table.pooled.numpy(), table.sequence.numpy())

@@ -12,24 +12,19 @@ Layout (as ``black-forest-labs/FLUX.1-dev`` and diffusers' ``save_pretrained`` w
     vae/             config.json, diffusion_pytorch_model.safetensors (AutoencoderKL, 16 latent channels)
 
 :func:`check_flux_folder` lists every missing item by name before anything is loaded. Weights are read from
-the safetensors files directly (nothing is unpickled, nothing is written into the folder): each model is
-built from its ``config.json`` without initialisation, ``torch.nn.Linear`` weights are transposed to
-Paddle's ``[in, out]``, and every key and shape is checked (``models.weights.check_keys_and_shapes``).
+the safetensors files directly by the strict loader of ``models/weights.py`` (nothing is unpickled, nothing is
+written into the folder): each model is built from its ``config.json`` without storage, ``torch.nn.Linear``
+weights are transposed to Paddle's ``[in, out]``, and every key and shape is checked before a tensor is read.
 """
 import inspect
 import json
 from pathlib import Path
-from typing import Dict, List, Sequence, Union
-
-import numpy as np
-import paddle
+from typing import List, Sequence, Union
 
 from .. import compat
-from ..models import safetensors_io
-from ..models.weights import WeightLoadError, check_keys_and_shapes, linear_weight_names
-
-__all__ = ["SUBFOLDERS", "check_flux_folder", "weight_files", "load_torch_safetensors", "load_text_encoders",
-           "load_tokenizers", "load_vae", "load_scheduler", "FluxFolderError"]
+from .weights import build_uninitialised, finish_loading, load_weights_into, normalize_dtype
+__all__ = ["SUBFOLDERS", "check_flux_folder", "load_text_encoders", "load_tokenizers", "load_vae", "read_scheduler_config",
+           "FluxFolderError"]
 
 # sub-folder -> (config file, alternatives of weight files (a single file or an index json), other files)
 SUBFOLDERS = {
@@ -78,84 +73,6 @@ def check_flux_folder(folder: Union[str, Path], require: Sequence[str] = tuple(S
     return folder
 
 
-def weight_files(subfolder: Union[str, Path]) -> List[Path]:
-    """The safetensors files of a component folder: the single file, or the shards its index json lists."""
-    subfolder = Path(subfolder)
-    indexes = sorted(subfolder.glob("*.safetensors.index.json"))
-    if indexes:
-        weight_map = json.loads(indexes[0].read_text()).get("weight_map") or {}
-        files = [subfolder / name for name in sorted(set(weight_map.values()))]
-        absent = [str(f) for f in files if not f.is_file()]
-        if not files or absent:
-            raise FluxFolderError(f"{indexes[0]} lists shard files that are missing: {', '.join(absent) or 'none'}")
-        return files
-    files = sorted(subfolder.glob("*.safetensors"))
-    if len(files) != 1:
-        raise FluxFolderError(f"{subfolder}: expected one .safetensors file or an index json, found {len(files)}")
-    return files
-
-
-def load_torch_safetensors(model: paddle.nn.Layer, files: Sequence[Path]) -> paddle.nn.Layer:
-    """Load PyTorch-layout safetensors into ``model`` (strict keys and shapes; Linear weights transposed).
-
-    Tied parameters (one tensor under several names, e.g. T5's ``shared`` and ``encoder.embed_tokens``)
-    count as present when any of their names is in the files.
-    """
-    state = model.state_dict()
-    aliases: Dict[int, List[str]] = {}
-    for name, tensor in state.items():
-        aliases.setdefault(id(tensor), []).append(name)
-    entries = {}
-    for file in files:
-        header, _, data_start = safetensors_io.read_header(file)
-        for name, info in header.items():
-            if name in entries:
-                raise WeightLoadError(f"key {name!r} appears in both {entries[name][0]} and {file}")
-            entries[name] = (file, info, data_start)
-    transposed = linear_weight_names(model)
-    found = {}
-    for name, (_, info, _) in entries.items():
-        shape = [int(d) for d in info["shape"]]
-        found[name] = shape[::-1] if name in transposed and len(shape) == 2 else shape
-    for names in aliases.values():  # a tied tensor loaded under one name fills the others
-        present = [n for n in names if n in found]
-        for name in names:
-            if present and name not in found:
-                found[name] = found[present[0]]
-    expected = {name: [int(d) for d in tensor.shape] for name, tensor in state.items()}
-    check_keys_and_shapes(expected, found, source=", ".join(str(f) for f in files))
-    maps = {file: np.memmap(file, dtype=np.uint8, mode="r") for file in files}
-    for name, (file, info, data_start) in entries.items():
-        array = safetensors_io.read_tensor(file, info, data_start, maps[file])
-        array = np.ascontiguousarray(array.T if name in transposed else array)
-        target = state[name]
-        value = paddle.to_tensor(array)
-        target.set_value(value.astype(target.dtype) if value.dtype != target.dtype else value)
-    return model
-
-
-def _build_uninitialised(build, dtype: str):
-    """Build a model with parameters of ``dtype`` and no random initialisation (weights are loaded next)."""
-    from paddlenlp.transformers.model_utils import no_init_weights
-
-    previous = paddle.get_default_dtype()
-    paddle.set_default_dtype(dtype)
-    try:
-        with paddle.LazyGuard(), no_init_weights():
-            model = build()
-    finally:
-        paddle.set_default_dtype(previous)
-    return model
-
-
-def _finish(model, subfolder):
-    left = [n for n, p in model.named_parameters() if not p._is_initialized()]
-    if left:
-        raise WeightLoadError(f"{subfolder}: parameters left without weights: {', '.join(left[:20])}")
-    model.eval()
-    return model
-
-
 def _read_config(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -174,9 +91,9 @@ def load_text_encoders(folder: Union[str, Path], dtype: str = "float32"):
     for sub, config_cls, model_cls in (("text_encoder", CLIPTextConfig, CLIPTextModel),
                                       ("text_encoder_2", T5Config, T5EncoderModel)):
         config = config_cls.from_dict(_read_config(folder / sub / "config.json"))
-        model = _build_uninitialised(lambda: model_cls(config), dtype)
-        load_torch_safetensors(model, weight_files(folder / sub))
-        models.append(_finish(model, folder / sub))
+        model = build_uninitialised(lambda: model_cls(config), normalize_dtype(dtype))
+        load_weights_into(model, folder / sub, layout="diffusers")
+        models.append(finish_loading(model, folder / sub))
     return tuple(models)
 
 
@@ -188,12 +105,12 @@ def load_vae(folder: Union[str, Path], dtype: str = "float32"):
     sub = Path(folder) / "vae"
     accepted = inspect.signature(AutoencoderKL.__init__).parameters
     config = {k: v for k, v in _read_config(sub / "config.json").items() if k in accepted or k.startswith("_")}
-    model = _build_uninitialised(lambda: AutoencoderKL.from_config(config), dtype)
-    load_torch_safetensors(model, weight_files(sub))
+    model = build_uninitialised(lambda: AutoencoderKL.from_config(config), normalize_dtype(dtype))
+    load_weights_into(model, sub, layout="diffusers")
     for name in ("scaling_factor", "shift_factor"):
         if model.config.get(name) is None:
             raise ValueError(f"{sub / 'config.json'}: the FLUX VAE needs {name}")
-    return _finish(model, sub)
+    return finish_loading(model, sub)
 
 
 def load_tokenizers(folder: Union[str, Path]):
@@ -207,9 +124,6 @@ def load_tokenizers(folder: Union[str, Path]):
             T5Tokenizer.from_pretrained(str(folder / "tokenizer_2")))
 
 
-def load_scheduler(folder: Union[str, Path]):
-    """Our ``FlowMatchEulerDiscreteScheduler`` (dynamic shift) from ``scheduler/scheduler_config.json``."""
-    from ..schedulers.scheduling_flow_match_euler import FlowMatchEulerDiscreteScheduler
-
-    config = _read_config(Path(folder) / "scheduler" / "scheduler_config.json")
-    return FlowMatchEulerDiscreteScheduler.from_config(config)
+def read_scheduler_config(folder: Union[str, Path]) -> dict:
+    """``scheduler/scheduler_config.json`` of a FLUX.1-dev-layout folder (for ``FlowMatchEulerDiscreteScheduler``)."""
+    return _read_config(Path(folder) / "scheduler" / "scheduler_config.json")
