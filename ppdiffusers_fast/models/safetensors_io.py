@@ -115,15 +115,16 @@ def read_header(path) -> Tuple[Dict[str, dict], Dict[str, str], int]:
     return header, metadata, data_start
 
 
-def open_file(path, framework: str = "paddle"):
+def open_file(path, framework: str = "paddle", check_header: bool = True):
     """``safe_open(path, framework)`` after :func:`read_header`'s checks; use it as a context manager.
 
     With ``framework="paddle"``, ``handle.get_tensor(name)`` returns a Paddle tensor that views the memory-mapped
     file (no copy; bfloat16 and float8 kept): copy (cast, transpose, ``clone``) before the handle closes if the
     values must outlive it. ``framework="np"`` copies and has no bfloat16. ``handle.get_slice(name)[rows]`` reads
-    only the rows asked for.
+    only the rows asked for. ``check_header=False`` skips the checks for a file whose header was just checked.
     """
-    read_header(path)
+    if check_header:
+        read_header(path)
     try:
         return safe_open(str(path), framework=framework)
     except SafetensorError as err:

@@ -33,6 +33,9 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
 _FP8 = ("F8_E4M3", "F8_E5M2")
 _MAX_LISTED = 30
 _PROGRESS_BYTES = 512 * 1024 * 1024  # show a bar over shards for loads larger than this
+# re-map a shard after reading this many bytes of it: the pages read so far leave the resident memory
+# (measured on a 1.31 B fp32 load: without it the peak holds a whole shard more, ~0.9 GB)
+_REMAP_BYTES = 256 * 1024 * 1024
 
 
 class WeightLoadError(ValueError):
@@ -123,6 +126,8 @@ class SourceTensor:
     key: str
     shape: Tuple[int, ...]
     dtype: str
+    offset: int = 0  # where the stored tensor starts in the file's data (read in file order)
+    nbytes: int = 0  # size of the stored tensor
     rows: Optional[Tuple[int, int]] = None
     swap_halves: bool = False
     scale_key: Optional[str] = None
@@ -173,7 +178,9 @@ def read_file_entries(files: Sequence[Path]) -> Tuple[Dict[str, SourceTensor], D
         for key, info in header.items():
             if key in entries:
                 raise WeightLoadError(f"key {key!r} appears in both {entries[key].file} and {file}")
-            entries[key] = SourceTensor(Path(file), key, tuple(int(d) for d in info["shape"]), info["dtype"])
+            begin, end = info["data_offsets"]
+            entries[key] = SourceTensor(Path(file), key, tuple(int(d) for d in info["shape"]), info["dtype"],
+                                        offset=begin, nbytes=end - begin)
     return entries, metadata
 
 
@@ -194,12 +201,17 @@ def _read(handle, source: SourceTensor) -> Tuple[paddle.Tensor, bool]:
 
 
 def _convert(tensor: paddle.Tensor, owned: bool, dtype, transpose: bool) -> paddle.Tensor:
-    """Transpose (2-D) and cast once each, transposing in the narrower dtype; the result never views the file."""
-    narrowing = paddle.empty([0], dtype=dtype).element_size() < tensor.element_size()
-    if narrowing:
+    """Transpose (2-D) and cast in one pass where Paddle allows; the result never views the file.
+
+    Narrowing (float32 -> bfloat16) casts first so that the transpose moves half the bytes; otherwise the cast
+    reads the transposed view directly (one strided pass instead of a transpose copy and a cast copy).
+    """
+    if paddle.empty([0], dtype=dtype).element_size() < tensor.element_size():
         tensor, owned = tensor.astype(dtype), True
     if transpose:
-        tensor, owned = paddle.transpose(tensor, [1, 0]).contiguous(), True
+        tensor = paddle.transpose(tensor, [1, 0])  # a strided view
+        tensor = tensor.astype(dtype) if tensor.dtype != dtype else tensor.contiguous()
+        return tensor
     if tensor.dtype != dtype:
         tensor, owned = tensor.astype(dtype), True
     return tensor if owned else tensor.clone()
@@ -230,17 +242,30 @@ def load_sources(model: paddle.nn.Layer, sources: Mapping[str, SourceTensor], de
     check_keys_and_shapes(_model_shapes(model), found, source=description)
 
     by_file: Dict[Path, List[str]] = {}
-    for name, src in sources.items():
-        by_file.setdefault(src.file, []).append(name)
+    for name in sorted(sources, key=lambda n: (str(sources[n].file), sources[n].offset)):
+        by_file.setdefault(sources[name].file, []).append(name)
     total_bytes = sum(f.stat().st_size for f in by_file)
     for file in tqdm(list(by_file), desc=f"loading {Path(description.split(' ')[0]).name}", unit="shard",
                      disable=total_bytes < _PROGRESS_BYTES, leave=False):
-        with safetensors_io.open_file(file) as handle:
-            for name in by_file[file]:
-                target = state[name]
-                tensor, owned = _read(handle, sources[name])
-                _assign(target, _convert(tensor, owned, target.dtype, name in transposed and tensor.ndim == 2))
+        for chunk in _chunks(by_file[file], sources):
+            with safetensors_io.open_file(file, check_header=False) as handle:  # checked while planning
+                for name in chunk:
+                    target = state[name]
+                    tensor, owned = _read(handle, sources[name])
+                    _assign(target, _convert(tensor, owned, target.dtype, name in transposed and tensor.ndim == 2))
     return model
+
+
+def _chunks(names: List[str], sources: Mapping[str, SourceTensor]) -> List[List[str]]:
+    """Split one file's names into runs of at most ``_REMAP_BYTES`` stored bytes (at least one name each)."""
+    chunks, size = [[]], 0
+    for name in names:
+        if chunks[-1] and size + sources[name].nbytes > _REMAP_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(name)
+        size += sources[name].nbytes
+    return chunks
 
 
 def load_weights_into(model: paddle.nn.Layer, folder_or_file: Union[str, Path],
