@@ -26,6 +26,11 @@ from .weights import build_uninitialised, finish_loading, load_weights_into, nor
 __all__ = ["SUBFOLDERS", "check_flux_folder", "load_text_encoders", "load_tokenizers", "load_vae", "read_scheduler_config",
            "FluxFolderError"]
 
+# FLUX.1's scheduler settings, used when the folder given for the tokenizers has no scheduler/ config
+FLUX_DEV_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                      "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+FLUX_SCHNELL_SCHEDULER = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False}
+
 # sub-folder -> (config file, alternatives of weight files (a single file or an index json), other files)
 SUBFOLDERS = {
     "scheduler": ("scheduler_config.json", None, ()),
@@ -43,11 +48,13 @@ class FluxFolderError(FileNotFoundError):
     """The model folder lacks sub-folders or files; the message names each of them."""
 
 
-def check_flux_folder(folder: Union[str, Path], require: Sequence[str] = tuple(SUBFOLDERS)) -> Path:
+def check_flux_folder(folder: Union[str, Path], require: Sequence[str] = tuple(SUBFOLDERS),
+                      need_index: bool = True) -> Path:
     """Raise :class:`FluxFolderError` naming every missing sub-folder or file of a FLUX.1-dev-layout folder.
 
     Args:
         require: the sub-folders needed (all by default).
+        need_index: ``model_index.json`` is required (not for a folder that only supplies tokenizers).
     Returns:
         the folder as a ``Path``.
     """
@@ -56,7 +63,7 @@ def check_flux_folder(folder: Union[str, Path], require: Sequence[str] = tuple(S
         raise FluxFolderError(f"model folder {folder} does not exist (expected the FLUX.1-dev layout: "
                               f"model_index.json, {', '.join(s + '/' for s in SUBFOLDERS)})")
     missing: List[str] = []
-    if not (folder / "model_index.json").is_file():
+    if need_index and not (folder / "model_index.json").is_file():
         missing.append("model_index.json")
     for sub in require:
         config, weights, others = SUBFOLDERS[sub]
@@ -124,6 +131,42 @@ def load_tokenizers(folder: Union[str, Path]):
             T5Tokenizer.from_pretrained(str(folder / "tokenizer_2")))
 
 
-def read_scheduler_config(folder: Union[str, Path]) -> dict:
-    """``scheduler/scheduler_config.json`` of a FLUX.1-dev-layout folder (for ``FlowMatchEulerDiscreteScheduler``)."""
-    return _read_config(Path(folder) / "scheduler" / "scheduler_config.json")
+def read_scheduler_config(folder: Union[str, Path], guidance_embeds: bool = True) -> dict:
+    """``scheduler/scheduler_config.json`` of a FLUX.1-dev-layout folder (for ``FlowMatchEulerDiscreteScheduler``);
+    when the folder has none, FLUX.1-dev's settings, or FLUX.1-schnell's for a model without guidance embedding."""
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    if path.is_file():
+        return _read_config(path)
+    return dict(FLUX_DEV_SCHEDULER if guidance_embeds else FLUX_SCHNELL_SCHEDULER)
+
+
+# ---------------------------------------------------------------------------------------------- single files
+def load_single_file_components(transformer: Union[str, Path], vae: Union[str, Path], clip_l: Union[str, Path],
+                                t5: Union[str, Path], tokenizers: Union[str, Path], dtype: str = "float32") -> dict:
+    """Every pipeline component from single files (Black Forest Labs / ComfyUI layouts, fp8 upcast).
+
+    Args:
+        transformer: ``flux1-dev.safetensors`` / ``flux1-schnell.safetensors`` (optionally ComfyUI-prefixed).
+        vae: ``ae.safetensors``. clip_l: ``clip_l.safetensors``. t5: ``t5xxl_fp16.safetensors`` (or fp8).
+        tokenizers: a folder with ``tokenizer/`` (vocab.json, merges.txt) and ``tokenizer_2/`` (spiece.model), as
+            in FLUX.1-dev's repository; its ``config.json`` files and ``scheduler/`` are used when present.
+    Returns:
+        the models and tokenizers as keyword arguments of ``FluxPipeline``, and ``scheduler_config``. The VAE
+        stays float32; the rest take ``dtype``.
+    """
+    from . import single_file
+
+    named = {"transformer": transformer, "vae": vae, "clip_l": clip_l, "t5": t5}
+    absent = [f"{kind}={path}" for kind, path in named.items() if not Path(path).is_file()]
+    check_flux_folder(tokenizers, require=("tokenizer", "tokenizer_2"), need_index=False)
+    if absent:
+        raise FluxFolderError("single files not found: " + ", ".join(absent))
+    configs = single_file.component_configs(tokenizers)
+    dtype = normalize_dtype(dtype)
+    model = single_file.load_bfl_transformer(transformer, dtype, configs["transformer"])
+    tokenizer, tokenizer_2 = load_tokenizers(tokenizers)
+    return {"transformer": model, "vae": single_file.load_bfl_vae(vae, "float32", configs["vae"]),
+            "text_encoder": single_file.load_clip_l(clip_l, dtype, configs["clip_l"]),
+            "text_encoder_2": single_file.load_t5(t5, dtype, configs["t5"]), "tokenizer": tokenizer,
+            "tokenizer_2": tokenizer_2,
+            "scheduler_config": read_scheduler_config(tokenizers, bool(model.config.guidance_embeds))}

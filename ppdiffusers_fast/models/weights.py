@@ -61,12 +61,17 @@ def _format_names(names: List[str]) -> str:
 
 
 def check_keys_and_shapes(expected: Mapping[str, Iterable[int]], found: Mapping[str, Iterable[int]],
-                          source: str = "checkpoint") -> None:
-    """Raise :class:`WeightLoadError` unless ``found`` has exactly the keys and shapes of ``expected``."""
+                          source: str = "checkpoint", stored_names: Optional[Mapping[str, str]] = None) -> None:
+    """Raise :class:`WeightLoadError` unless ``found`` has exactly the keys and shapes of ``expected``.
+
+    ``stored_names``: the file's key for a model name where they differ (named in shape errors).
+    """
+    stored_names = stored_names or {}
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     mismatched = sorted(
-        f"{key} (checkpoint {list(found[key])}, model {list(expected[key])})"
+        f"{key}{' from ' + stored_names[key] if stored_names.get(key, key) != key else ''} "
+        f"(checkpoint {list(found[key])}, model {list(expected[key])})"
         for key in set(expected) & set(found)
         if [int(d) for d in found[key]] != [int(d) for d in expected[key]]
     )
@@ -119,7 +124,7 @@ class SourceTensor:
     ``rows``: take rows ``[begin, end)`` of the stored tensor (a fused qkv / linear1 split); ``swap_halves``:
     exchange the two halves along the first axis (Black Forest Labs' final norm stores ``[shift, scale]``, the
     model ``[scale, shift]``); ``scale_key``: float8 weight multiplied by this per-tensor scale when upcast.
-    ``shape`` is the resulting PyTorch-layout shape.
+    ``shape`` is the resulting PyTorch-layout shape (a stored 1x1 convolution may be read as a Linear weight).
     """
 
     file: Path
@@ -185,18 +190,20 @@ def read_file_entries(files: Sequence[Path]) -> Tuple[Dict[str, SourceTensor], D
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def _read(handle, source: SourceTensor) -> Tuple[paddle.Tensor, bool]:
+def _read(get_view, source: SourceTensor) -> Tuple[paddle.Tensor, bool]:
     """The source tensor as Paddle, PyTorch layout; returns ``(tensor, owned)`` (``owned``: not a file view)."""
-    tensor, owned = handle.get_tensor(source.key), False
+    tensor, owned = get_view(source.key), False
     if source.rows is not None:
         tensor = tensor[source.rows[0]:source.rows[1]]
     if source.swap_halves:
         half = tensor.shape[0] // 2
         tensor, owned = paddle.concat([tensor[half:], tensor[:half]], axis=0), True
+    if tuple(tensor.shape) != source.shape:  # a 1x1 convolution [C, C, 1, 1] read as a Linear weight [C, C]
+        tensor = tensor.reshape(source.shape)
     if source.dtype in _FP8:
         tensor, owned = tensor.astype("float32"), True
         if source.scale_key is not None:
-            tensor = tensor * handle.get_tensor(source.scale_key).astype("float32")
+            tensor = tensor * get_view(source.scale_key).astype("float32")
     return tensor, owned
 
 
@@ -239,7 +246,8 @@ def load_sources(model: paddle.nn.Layer, sources: Mapping[str, SourceTensor], de
         for name in names:
             if present and name not in found:
                 found[name] = found[present[0]]
-    check_keys_and_shapes(_model_shapes(model), found, source=description)
+    check_keys_and_shapes(_model_shapes(model), found, source=description,
+                          stored_names={name: src.key for name, src in sources.items()})
 
     by_file: Dict[Path, List[str]] = {}
     for name in sorted(sources, key=lambda n: (str(sources[n].file), sources[n].offset)):
@@ -249,10 +257,20 @@ def load_sources(model: paddle.nn.Layer, sources: Mapping[str, SourceTensor], de
                      disable=total_bytes < _PROGRESS_BYTES, leave=False):
         for chunk in _chunks(by_file[file], sources):
             with safetensors_io.open_file(file, check_header=False) as handle:  # checked while planning
+                # one view per stored key: Paddle refuses two live tensors over the same mapped pointer
+                views: Dict[str, paddle.Tensor] = {}
+
+                def get_view(key: str) -> paddle.Tensor:
+                    if key not in views:
+                        views[key] = handle.get_tensor(key)
+                    return views[key]
+
                 for name in chunk:
                     target = state[name]
-                    tensor, owned = _read(handle, sources[name])
+                    tensor, owned = _read(get_view, sources[name])
                     _assign(target, _convert(tensor, owned, target.dtype, name in transposed and tensor.ndim == 2))
+                    del tensor
+                views.clear()
     return model
 
 

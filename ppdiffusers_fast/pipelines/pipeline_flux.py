@@ -108,11 +108,7 @@ class FluxPipeline:
         A missing sub-folder or file is reported by name before anything is loaded. The transformer and text
         encoders take ``dtype`` ("float32" or "bfloat16"); the VAE stays in float32.
         """
-        if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-        if dtype == "bfloat16" and not paddle.get_device().startswith("gpu"):
-            raise ValueError(f"dtype='bfloat16' needs a GPU (Paddle's CPU kernels of add / matmul have no bfloat16; "
-                             f"current device: {paddle.get_device()}); use dtype='float32' on CPU")
+        cls._check_dtype(dtype)
         folder = flux_folder.check_flux_folder(folder)
         tokenizer, tokenizer_2 = flux_folder.load_tokenizers(folder)
         text_encoder, text_encoder_2 = flux_folder.load_text_encoders(folder, dtype)
@@ -120,6 +116,30 @@ class FluxPipeline:
                    vae=flux_folder.load_vae(folder, "float32"), text_encoder=text_encoder,
                    text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
                    scheduler=FlowMatchEulerDiscreteScheduler.from_config(flux_folder.read_scheduler_config(folder)))
+
+    @classmethod
+    def from_single_files(cls, transformer: Union[str, Path], vae: Union[str, Path], clip_l: Union[str, Path],
+                          t5: Union[str, Path], tokenizers: Union[str, Path], dtype: str = "float32") -> "FluxPipeline":
+        """Assemble the pipeline from single files as Black Forest Labs and ComfyUI ship them.
+
+        ``transformer``: ``flux1-dev.safetensors`` (or schnell, or a ComfyUI ``model.diffusion_model.``-prefixed
+        file, fp8 included); ``vae``: ``ae.safetensors``; ``clip_l``: ``clip_l.safetensors``; ``t5``:
+        ``t5xxl_fp16.safetensors``; ``tokenizers``: a folder with ``tokenizer/`` and ``tokenizer_2/`` (FLUX.1-dev's
+        repository layout; its configs and scheduler are used when present). See
+        ``models/flux_folder.load_single_file_components``.
+        """
+        cls._check_dtype(dtype)
+        components = flux_folder.load_single_file_components(transformer, vae, clip_l, t5, tokenizers, dtype)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(components.pop("scheduler_config"))
+        return cls(scheduler=scheduler, **components)
+
+    @staticmethod
+    def _check_dtype(dtype: str) -> None:
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        if dtype == "bfloat16" and not paddle.get_device().startswith("gpu"):
+            raise ValueError(f"dtype='bfloat16' needs a GPU (Paddle's CPU kernels of add / matmul have no bfloat16; "
+                             f"current device: {paddle.get_device()}); use dtype='float32' on CPU")
 
     @property
     def dtype(self) -> str:
