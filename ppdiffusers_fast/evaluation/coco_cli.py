@@ -10,6 +10,7 @@ import os
 import sys
 
 from ..command_line import CommandLineParser, UsageError, check_output_dir
+from ..pipelines.model_files import add_model_file_args, single_files
 from .coco_benchmark import EvaluationConfig, run_coco_evaluation
 from .generate import LazyGenerateFn
 from .hashing import HashCache, folder_fingerprint, sha256_file
@@ -22,7 +23,9 @@ def build_parser():
     parser = CommandLineParser(description="COCO-10k evaluation: FID-FLUX (student vs 50-step teacher), "
                                                  "CLIP score, optional FID vs real images.")
     model = parser.add_argument_group("model")
-    model.add_argument("--pretrained_model_name_or_path", default=None, help="local FLUX.1 folder (diffusers layout)")
+    model.add_argument("--pretrained_model_name_or_path", default=None,
+                       help="local FLUX.1 folder (diffusers layout); with the single-file flags, the tokenizers' folder")
+    add_model_file_args(model)
     model.add_argument("--path_to_lora", nargs="+", default=None, metavar="LORA",
                        help="student LoRA file(s) (safetensors; ours, diffusers/PEFT, kohya or ComfyUI), all live "
                             "together, e.g. the few-step student and a style LoRA")
@@ -78,6 +81,7 @@ def validate_args(args):
         raise ValueError("give exactly one of --pretrained_model_name_or_path and --generate_fn")
     if args.pretrained_model_name_or_path and not os.path.exists(args.pretrained_model_name_or_path):
         raise FileNotFoundError(f"--pretrained_model_name_or_path: not found: {args.pretrained_model_name_or_path}")
+    single_files(args)  # all four single files or none, each existing
     if args.lora_scale and not args.path_to_lora:
         raise ValueError("--lora_scale needs --path_to_lora")
     if args.path_to_lora:
@@ -146,13 +150,18 @@ def build_generators(args, cache):
     else:
         from .flux_generators import FluxTeacherStudent
 
+        files = single_files(args)
         flux = FluxTeacherStudent(args.pretrained_model_name_or_path, args.height, args.width, args.guidance_scale,
-                                  args.teacher_steps, args.student_steps, args.path_to_lora, args.lora_scale, args.dtype)
+                                  args.teacher_steps, args.student_steps, args.path_to_lora, args.lora_scale, args.dtype,
+                                  single_files=files)
         teacher, student = flux.teacher, flux.student
         model_identity = folder_fingerprint(args.pretrained_model_name_or_path,
                                             full_hash_limit=None if args.full_model_hash else 64 * 1024 * 1024,
                                             cache=cache)
         model_identity["path"] = os.path.abspath(args.pretrained_model_name_or_path)
+        if files:  # single files: identified by path and size
+            model_identity["single_files"] = {kind: [os.path.abspath(path), os.path.getsize(path)]
+                                              for kind, path in files.items()}
     loras = args.path_to_lora or []
     identities = {"model": model_identity, "dtype": args.dtype,
                   "lora": [sha256_file(path, cache) for path in loras] or None,

@@ -11,8 +11,9 @@ from .generate import pipeline_generate_fn
 
 class FluxTeacherStudent:
     def __init__(self, pretrained_model_name_or_path, height, width, guidance_scale, teacher_steps, student_steps,
-                 path_to_lora=None, lora_scale=None, dtype="float32"):
+                 path_to_lora=None, lora_scale=None, dtype="float32", single_files=None):
         self.pretrained = pretrained_model_name_or_path
+        self.single_files = single_files  # {transformer, vae, clip_l, t5: path}; then ``pretrained`` has the tokenizers
         self.height, self.width, self.guidance_scale = height, width, guidance_scale
         self.teacher_steps, self.student_steps = teacher_steps, student_steps
         self.path_to_lora, self.lora_scale, self.dtype = path_to_lora, lora_scale, dtype
@@ -23,7 +24,11 @@ class FluxTeacherStudent:
         if self._pipe is None:
             from ..pipelines.pipeline_flux import FluxPipeline
 
-            self._pipe = FluxPipeline.from_pretrained(self.pretrained, dtype=self.dtype)
+            if self.single_files:
+                self._pipe = FluxPipeline.from_single_files(**self.single_files, tokenizers=self.pretrained,
+                                                            dtype=self.dtype)
+            else:
+                self._pipe = FluxPipeline.from_pretrained(self.pretrained, dtype=self.dtype)
             if hasattr(self._pipe, "set_progress_bar_config"):
                 self._pipe.set_progress_bar_config(disable=True)  # one progress bar: the benchmark's
         return self._pipe

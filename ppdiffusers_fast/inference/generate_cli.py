@@ -15,6 +15,7 @@ from typing import Callable, List, Optional
 import paddle
 
 from ..command_line import CommandLineParser, UsageError, check_output_dir, run_command
+from ..pipelines.model_files import add_model_file_args, load_pipeline, single_files
 
 DEFAULT_STEPS = 4  # without a LoRA that records its K
 FLUX_DEFAULTS = {"height": 1024, "width": 1024, "max_sequence_length": 512, "true_cfg_scale": 1.0}
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = CommandLineParser(description="Text-to-image with FLUX and a few-step (FLUX-Lightning) LoRA.")
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="local FLUX.1-dev-layout folder (model_index.json, transformer/, vae/, text encoders, ...)")
+    add_model_file_args(p)
     p.add_argument("--path_to_lora", nargs="+", action=NonEmptyPaths, default=None, metavar="LORA",
                    help="LoRA safetensors files (ours, diffusers/PEFT, kohya or ComfyUI), all live together: e.g. the "
                         "few-step student and style LoRAs; sampling settings come from the one that carries them")
@@ -98,19 +100,27 @@ def _synchronize():
 
 def check_model_given(args) -> None:
     """The model folder is given, has the FLUX.1-dev layout and its JSON configs parse (:class:`UsageError`)."""
-    from ..pipelines.flux_folder import SUBFOLDERS, FluxFolderError, check_flux_folder
+    from ..models.flux_folder import SUBFOLDERS, FluxFolderError, check_flux_folder
 
     if args.pretrained_model_name_or_path is None:
         raise UsageError("no model given: pass --pretrained_model_name_or_path /path/to/FLUX.1-dev (a folder with "
                          "model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, "
-                         "tokenizer_2/, scheduler/) and --path_to_lora /path/to/flux_lightning_lora.safetensors")
+                         "tokenizer_2/, scheduler/) and --path_to_lora /path/to/flux_lightning_lora.safetensors; or "
+                         "the single files --transformer_file, --vae_file, --clip_l_file, --t5_file with that folder "
+                         "holding tokenizer/ and tokenizer_2/")
     try:
-        folder = check_flux_folder(args.pretrained_model_name_or_path)
+        files = single_files(args)
+        folder = (check_flux_folder(args.pretrained_model_name_or_path, require=("tokenizer", "tokenizer_2"),
+                                    need_index=False) if files else check_flux_folder(args.pretrained_model_name_or_path))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     except FluxFolderError as error:
         raise UsageError(f"--pretrained_model_name_or_path: {error}") from None
     configs = [folder / "model_index.json"] + [folder / sub / config for sub, (config, _, _) in SUBFOLDERS.items()
                                                if config and config.endswith(".json")]
     for file in configs:
+        if files and not file.is_file():  # with single files the folder only needs the tokenizers
+            continue
         try:
             if not isinstance(json.loads(file.read_text(encoding="utf-8")), dict):
                 raise ValueError("not a JSON object")
@@ -143,7 +153,6 @@ def read_prompts(args) -> List[str]:
 
 
 def build_pipeline(args):
-    from ..pipelines.pipeline_flux import FluxPipeline
     from .compile import bfloat16_available, build_predictor, compile_transformer
 
     dtype = args.dtype or ("bfloat16" if paddle.get_device().startswith("gpu") else "float32")
@@ -153,7 +162,7 @@ def build_pipeline(args):
         if not bfloat16_available() or dtype != "float32":
             raise UsageError("--predictor_precision bfloat16 needs a CPU with native bfloat16 (AMX / AVX512-BF16), "
                              "a Paddle build with oneDNN and float32 weights (--dtype float32)")
-    pipe = FluxPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype)
+    pipe = load_pipeline(args, dtype)
     if args.path_to_lora:
         pipe.load_loras(args.path_to_lora, args.lora_scale)
         for lora in pipe.loras.values():

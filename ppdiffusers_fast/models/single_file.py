@@ -345,18 +345,9 @@ def load_t5(path: Union[str, Path], dtype: str = "float32", config_file: Optiona
     return finish_loading(model, path)
 
 
-def single_file_kind(path: Union[str, Path]) -> str:
-    """"transformer" | "vae" | "clip_l" | "t5" from a file's key names (no tensor read)."""
-    keys = set(read_single_file(path, TRANSFORMER_PREFIXES + VAE_PREFIXES + CLIP_PREFIXES + T5_PREFIXES))
-    if "img_in.weight" in keys:
-        return "transformer"
-    if "encoder.conv_in.weight" in keys and "decoder.conv_out.weight" in keys:
-        return "vae"
-    if "text_model.embeddings.token_embedding.weight" in keys:
-        return "clip_l"
-    if "shared.weight" in keys:
-        return "t5"
-    raise WeightLoadError(f"{path}: not a FLUX transformer, autoencoder, CLIP or T5 single file")
+def is_bfl_transformer(path: Union[str, Path]) -> bool:
+    """True when the file has Black Forest Labs transformer names (optionally prefixed); reads the header only."""
+    return "img_in.weight" in read_single_file(path, TRANSFORMER_PREFIXES)
 
 
 def component_configs(folder: Optional[Union[str, Path]]) -> Dict[str, Optional[Path]]:

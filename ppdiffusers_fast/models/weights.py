@@ -325,14 +325,21 @@ def finish_loading(model: paddle.nn.Layer, source) -> paddle.nn.Layer:
 
 
 def load_flux_transformer(folder_or_file: Union[str, Path], dtype: str = "float32") -> FluxTransformer2DModel:
-    """Build a :class:`FluxTransformer2DModel` from ``config.json`` and load its safetensors weights.
+    """Build a :class:`FluxTransformer2DModel` and load its safetensors weights (strict).
 
-    ``folder_or_file`` is a diffusers ``transformer/`` folder (sharded or single file) or one ``.safetensors``
-    file with ``config.json`` beside it. Weights may be fp32, bf16 or fp16 and are cast to ``dtype``.
+    ``folder_or_file`` is a diffusers ``transformer/`` folder (sharded or single file, ``config.json`` inside), one
+    diffusers-layout ``.safetensors`` file with ``config.json`` beside it, or a Black Forest Labs / ComfyUI single
+    file (``flux1-dev.safetensors``; config from its keys, or from a ``config.json`` beside it;
+    see ``models/single_file.py``). Weights may be fp32, bf16, fp16 or fp8 and are cast to ``dtype``.
     """
     dtype = normalize_dtype(dtype)
     path = Path(folder_or_file)
     config_path = (path if path.is_dir() else path.parent) / CONFIG_NAME
+    if path.is_file() and path.suffix == ".safetensors":
+        from . import single_file
+
+        if single_file.is_bfl_transformer(path):
+            return single_file.load_bfl_transformer(path, dtype, config_path if config_path.is_file() else None)
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} at {config_path}")
     config = json.loads(config_path.read_text())

@@ -37,7 +37,8 @@ from ..models.lora import REFERENCE_TARGET_MODULES, LoraConfig, resolve_target_m
 @dataclass
 class ModelConfig:
     pretrained_teacher_model: Optional[str] = flag(
-        None, "FLUX folder in diffusers layout (transformer/ sub-folder or the transformer folder itself); "
+        None, "FLUX folder in diffusers layout (transformer/ sub-folder or the transformer folder itself), or a "
+        "Black Forest Labs / ComfyUI transformer file (flux1-dev.safetensors, fp8 included); "
         "the reference run used black-forest-labs/FLUX.1-dev")
     teacher_guidance: str = flag(
         "auto", "how the teacher applies guidance: embedded (FLUX.1-dev), cfg (two passes with an "

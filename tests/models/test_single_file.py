@@ -1,6 +1,7 @@
 """Single-file layouts (Black Forest Labs transformer and autoencoder, ComfyUI prefixes and text encoders, fp8)
 against diffusers (fixtures from scripts/reference/make_single_file_fixtures.py), and their strict errors."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +169,48 @@ def test_missing_single_file_is_named_before_loading(tmp_path):
         FluxPipeline.from_single_files(transformer=FILES / "flux1-tiny.safetensors", vae=tmp_path / "nowhere.safetensors",
                                        clip_l=FILES / "clip_l-tiny.safetensors", t5=FILES / "t5xxl-tiny.safetensors",
                                        tokenizers=FOLDER)
+
+
+SINGLE_FILE_FLAGS = ["--transformer_file", str(FILES / "flux1-tiny.safetensors"), "--vae_file",
+                     str(FILES / "ae-tiny.safetensors"), "--clip_l_file", str(FILES / "clip_l-tiny.safetensors"),
+                     "--t5_file", str(FILES / "t5xxl-tiny.safetensors")]
+
+
+def test_generation_cli_single_files_give_the_folder_images(tmp_path):
+    from PIL import Image
+
+    from ppdiffusers_fast.inference import generate_cli
+
+    common = ["--pretrained_model_name_or_path", str(FOLDER), "--prompt", "a cat", "--height", "32", "--width", "32",
+              "--step", "2", "--seed", "3", "--max_sequence_length", "8"]
+    from_folder = generate_cli.main(common + ["--output_dir", str(tmp_path / "folder")])
+    from_files = generate_cli.main(common + SINGLE_FILE_FLAGS + ["--output_dir", str(tmp_path / "files")])
+    assert [p.name for p in from_files] == [p.name for p in from_folder]
+    for a, b in zip(from_folder, from_files):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (SINGLE_FILE_FLAGS[:4], r"missing: --clip_l_file, --t5_file"),
+    (SINGLE_FILE_FLAGS[:-1] + ["/nowhere/t5.safetensors"], r"file not found: --t5_file /nowhere/t5\.safetensors"),
+])
+def test_single_file_flags_are_checked_before_loading(flags, message):
+    from ppdiffusers_fast.evaluation import coco_cli
+    from ppdiffusers_fast.inference import generate_cli
+
+    with pytest.raises(SystemExit) as exited:
+        generate_cli.main(["--pretrained_model_name_or_path", str(FOLDER)] + flags)
+    assert re.search("error: .*" + message, str(exited.value.code))
+    args = coco_cli.build_parser().parse_args(["--pretrained_model_name_or_path", str(FOLDER), "--output_dir",
+                                               "unused"] + flags)
+    with pytest.raises(ValueError, match=message):
+        coco_cli.validate_args(args)
+
+
+def test_training_teacher_from_a_single_file(tmp_path, bfl_model):
+    """--pretrained_teacher_model accepts a Black Forest Labs file: load_flux_transformer reads it (config beside)."""
+    import shutil
+
+    shutil.copy(FILES / "flux1-tiny.safetensors", tmp_path / "flux1-tiny.safetensors")
+    shutil.copy(TRANSFORMER_CONFIG, tmp_path / "config.json")
+    _same_parameters(bfl_model, load_flux_transformer(tmp_path / "flux1-tiny.safetensors"))
