@@ -100,7 +100,7 @@ def run(python: str, code: str, folder: Path, dtype: str, package_root: Path = R
     out = subprocess.run([python, "-c", code, str(folder), dtype], capture_output=True, text=True, env=env,
                          cwd=str(folder.parent))  # not the repository: "python -c" imports from the cwd first
     if out.returncode != 0:
-        raise RuntimeError(f"{python} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{python} failed (exit code {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -215,10 +215,11 @@ def _convert(tensor: paddle.Tensor, owned: bool, dtype, transpose: bool) -> padd
     """
     if paddle.empty([0], dtype=dtype).element_size() < tensor.element_size():
         tensor, owned = tensor.astype(dtype), True
+    if transpose and 1 in tensor.shape:  # [1, n] <-> [n, 1] is a reshape (and a transposed view would be contiguous)
+        tensor, transpose = tensor.reshape(tensor.shape[::-1]), False
     if transpose:
         tensor = paddle.transpose(tensor, [1, 0])  # a strided view
-        tensor = tensor.astype(dtype) if tensor.dtype != dtype else tensor.contiguous()
-        return tensor
+        return tensor.astype(dtype) if tensor.dtype != dtype else tensor.contiguous()
     if tensor.dtype != dtype:
         tensor, owned = tensor.astype(dtype), True
     return tensor if owned else tensor.clone()

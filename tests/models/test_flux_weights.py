@@ -177,3 +177,40 @@ def test_bf16_bits_by_hand(tmp_path):
     assert loaded["w"].dtype == np.float32
     np.testing.assert_array_equal(loaded["w"].ravel()[:5], [1.0, -2.0, 0.5, 1.0, 1.0 + 2 * 2.0 ** -7])
     assert loaded["i"].tolist() == [0, 1, 2, 3]
+
+
+def test_linear_with_one_output_and_remapping_every_tensor(tmp_path, monkeypatch, case):
+    """A [1, n] PyTorch weight becomes [n, 1]; re-mapping the file after every tensor loads the same model."""
+    from ppdiffusers_fast.models import weights
+
+    torch_weight = np.arange(5, dtype=np.float32).reshape(1, 5)  # Linear(5 -> 1) in PyTorch layout
+    path = safetensors_io.save_file({"0.weight": torch_weight, "0.bias": np.ones(1, np.float32)},
+                                    tmp_path / "one.safetensors")
+    with paddle.LazyGuard():
+        model = paddle.nn.Sequential(paddle.nn.Linear(5, 1))
+    weights.load_weights_into(model, path)
+    assert np.array_equal(model[0].weight.numpy(), torch_weight.T)
+
+    whole = load_flux_transformer(case / "transformer_bf16", dtype="float32")
+    monkeypatch.setattr(weights, "_REMAP_BYTES", 1)
+    remapped = load_flux_transformer(case / "transformer_bf16", dtype="float32")
+    for (name, a), b in zip(whole.state_dict().items(), remapped.state_dict().values()):
+        assert np.array_equal(a.numpy(), b.numpy()), name
+
+
+@pytest.mark.parametrize("folder, dtype", [("transformer_bf16", "bfloat16"), ("transformer_bf16", "float32"),
+                                           ("transformer", "bfloat16"), ("transformer", "float32")])
+def test_parameters_equal_a_plain_numpy_load(case, folder, dtype):
+    """Bit for bit: bf16 widened exactly, transposed in numpy, cast by Paddle (what the loader did before)."""
+    from ppdiffusers_fast.models.weights import linear_weight_names, resolve_weight_files
+
+    model = load_flux_transformer(case / folder, dtype=dtype)
+    transposed, params = linear_weight_names(model), model.state_dict()
+    seen = set()
+    for file in resolve_weight_files(case / folder):
+        for name, array in safetensors_io.load_file(file).items():
+            expected = paddle.to_tensor(np.ascontiguousarray(array.T if name in transposed else array)).astype(dtype)
+            assert params[name].dtype == expected.dtype
+            assert np.array_equal(params[name].astype("float32").numpy(), expected.astype("float32").numpy()), name
+            seen.add(name)
+    assert seen == set(params)
