@@ -213,13 +213,11 @@ def checkpoint_lora(checkpoint: Path, template: Path, target: Path) -> Path:
     """The student adapter of a training checkpoint written as a LoRA file, with the keys and sampling metadata of
     ``template`` (the run's exported LoRA); checkpoint names are ``denoiser.transformer.<module>.lora_adapters.
     student.lora_A`` (the method's structured names)."""
-    from safetensors import safe_open
-    from safetensors.numpy import load_file, save_file
+    from ppdiffusers_fast.models.safetensors_io import load_file, read_header, save_file
 
-    stored = load_file(str(checkpoint / "trainable.safetensors"))
-    with safe_open(str(template), "np") as handle:
-        metadata = handle.metadata()
-        keys = list(handle.keys())
+    stored = load_file(checkpoint / "trainable.safetensors")
+    header, metadata, _ = read_header(template)
+    keys = list(header)
     tensors = {}
     for key in keys:
         module, _, part = key.rpartition(".")
@@ -227,10 +225,7 @@ def checkpoint_lora(checkpoint: Path, template: Path, target: Path) -> Path:
         if name not in stored:
             raise KeyError(f"{checkpoint}: no {name} for the LoRA key {key}")
         tensors[key] = stored[name]
-    temp = target.with_name(target.name + ".tmp")
-    save_file(tensors, str(temp), metadata=metadata)
-    temp.replace(target)
-    return target
+    return save_file(tensors, target, metadata=metadata)  # atomic
 
 
 def measure_curve(metric, teacher, classifier, row_dir: Path, lora: Path) -> List[dict]:

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
 from ppdiffusers_fast.evaluation.fid import activation_statistics, frechet_distance
+from ppdiffusers_fast.models.safetensors_io import load_file, save_file
 
 from .classifier import DigitClassifier, extract_features, predict_logits
 
