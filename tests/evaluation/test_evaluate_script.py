@@ -258,8 +258,6 @@ def test_end_to_end_with_tiny_flux_pipeline(workspace, monkeypatch):
 
 
 def test_user_errors_are_one_line_and_student_steps_follow_the_lora(workspace, capsys):
-    import paddle
-
     from ppdiffusers_fast.command_line import run_command
     from ppdiffusers_fast.models import lora as lora_lib
     from ppdiffusers_fast.models import lora_io

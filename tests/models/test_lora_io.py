@@ -283,7 +283,7 @@ def test_non_finite_adapters_are_never_written_nor_loaded(model, tmp_path):
         paddle.full([2, 32], float("nan")))
     for write in (lambda path: save_lora(model, "student", path),
                   lambda path: export_diffusers_lora(model, "student", path)):
-        with pytest.raises(ValueError, match=f"refusing to write .*NaN or infinite values in 1 tensor \\(.*to_q"):
+        with pytest.raises(ValueError, match=r"refusing to write .*NaN or infinite values in 1 tensor \(.*to_q"):
             write(tmp_path / "bad.safetensors")
         assert not (tmp_path / "bad.safetensors").exists()
     tensors, metadata = read(tmp_path / "good.safetensors")
