@@ -17,7 +17,8 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 # bottom to top: each layer imports only from the layers below it
 LAYERS = [
     ("models", "#dbe9f6", [
-        ("models/", "transformer_flux  flux_layers  flux_embeddings\nlora  lora_io  weights  discriminator"),
+        ("models/", "transformer_flux  flux_layers  flux_embeddings  discriminator\n"
+                    "lora  lora_io  weights  safetensors_io  flux_folder  single_file"),
     ]),
     ("noise math and losses", "#e3f1df", [
         ("schedules.py", "time shift  grid  phases\nre-noising  CFG  Euler step"),
@@ -31,7 +32,7 @@ LAYERS = [
     ("training and pipelines", "#f6e0e0", [
         ("data/", "sources  cache  readers\nLAION filter  tar shards"),
         ("training/", "config  launch  trainer\ncheckpoint  optim  validation"),
-        ("pipelines/", "FluxPipeline  flux_folder\nlatents  text_encoding"),
+        ("pipelines/", "FluxPipeline  latents\ntext_encoding  model_files"),
         ("inference/ evaluation/", "compile (to_static, predictor)\ngenerate_cli   FID, CLIP score"),
     ]),
     ("command lines", "#e8e1f3", [
@@ -54,8 +55,10 @@ TRAINING_STEP = [
 ]
 
 GENERATION = [
-    ("FluxPipeline.from_pretrained", "flux_folder: tokenizers, CLIP + T5, transformer, VAE (safetensors)"),
-    ("load_lora + fuse_lora", "student adapter merged; its metadata sets steps and guidance"),
+    ("FluxPipeline.from_pretrained", "models.flux_folder (or single files): tokenizers, CLIP + T5, transformer,\n"
+                                     "VAE, scheduler config; strict safetensors loading"),
+    ("load_lora (+ fuse_lora)", "each LoRA file read once, live at its own scale (student, styles);\n"
+                                "the student's metadata sets steps and guidance"),
     ("encode_prompt + seeded_noise", "CLIP pooled [B, 768], T5 [B, T, 4096]; packed noise [B, L, 64]"),
     ("few_step_sigmas", "K + 1 phase-edge levels at this resolution's shift"),
     ("samplers.sample_euler", "v = transformer (or compiled runner); true CFG via\n"
