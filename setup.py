@@ -16,7 +16,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ppdiffusers_fast", "ppdiffusers_fast.*"]),
-    package_data={"ppdiffusers_fast": ["**/*.md", "**/*.json", "**/*.cc"]},
+    package_data={"ppdiffusers_fast": ["**/*.md", "**/*.json"]},
     python_requires=">=3.9",
     install_requires=read_requirements("requirements.txt"),
     extras_require={"data": read_requirements("requirements-data.txt"),

@@ -1,9 +1,7 @@
 """Benchmark the three ways of running the FLUX transformer, on small configs and the same inputs, in one run.
 
 1. Transformer alone, per preset: dygraph, ``paddle.jit.to_static`` (CINN where Paddle has it) and the Paddle
-   Inference predictor (``inference/compile.py``: RMSNorm and attention fused, the project's C++ kernels for
-   modulation, gates, rotary embedding and q / k / v packing, oneDNN fc, in-place reshapes, buffers kept between
-   calls), plus, on CPUs with native bfloat16, the predictor with bfloat16
+   Inference predictor (``inference/compile.py``: oneDNN fc, buffers kept between calls), plus, on CPUs with native bfloat16, the predictor with bfloat16
    matrix products (its own row and summary line, with its output difference; not a float32 speed-up).
    Prints for each the median process CPU time and wall time per call, the speed-ups over dygraph and the
    largest output difference to dygraph. On a machine shared with other jobs the CPU time
@@ -46,13 +44,9 @@ PRESETS = {
 }
 # Predictor variants of --ablation: build_predictor keyword arguments.
 ABLATION = {
-    "pred:no-fuse": dict(fuse_ops=False),
-    "pred:no-kernels": dict(cpu_kernels=False),
     "pred:no-onednn": dict(onednn=False),
-    "pred:no-expand": dict(expand_broadcasts=False),
     "pred:no-keep": dict(keep_buffers_limit_mb=0),
-    "pred:plain": dict(fuse_ops=False, cpu_kernels=False, onednn=False, expand_broadcasts=False,
-                       keep_buffers_limit_mb=0),
+    "pred:plain": dict(onednn=False, keep_buffers_limit_mb=0),
 }
 # The bfloat16 predictor (CPUs with native bfloat16): timed with the others, reported apart from the float32
 # speed-ups, with its output error against the float32 dygraph model.

@@ -10,21 +10,13 @@ Both entry points return a :class:`CompiledTransformer`, called like ``FluxTrans
   ``paddle.is_compiled_with_cinn()``; on other builds (CPU wheels) one line says so and the static graph
   runs without CINN.
 - :func:`build_predictor`: ``paddle.jit.save`` of that static graph, then ``paddle.inference`` with the IR
-  optimisations (on the GPU when Paddle has one). On CPU, measured changes to Paddle's defaults:
-  the saved graph is rewritten (``cpu_graph.py``): each RMSNorm becomes one ``rms_norm`` op and each attention
-  one ``self_dp_attention`` op (Paddle's fused AVX-512 CPU attention: no ``[B, H, L, L]`` maps); the adaLN
-  modulations, gated residuals, rotary embeddings and the packing of q / k / v run as the project's own fused C++
-  kernels (``cpu_kernels.cc``, compiled on first use, ``kernel_fusions.py``); broadcasting elementwise ops left
-  over get their small operand expanded first (Paddle's CPU broadcast kernels are 5-10x slower than expand +
-  same-shape op); reshapes of values that die with them run in place (no copy); oneDNN fuses every linear layer
-  (matmul + bias (+ gelu)) into one ``fc`` op while every other op stays on Paddle's kernels (oneDNN's placement
-  of all ops was 1.4x slower); intermediate buffers are kept between calls instead of being freed and allocated
-  again by a garbage-collection thread (:class:`_PredictorRun`). ``precision="bfloat16"`` (CPUs with AMX /
-  AVX512-BF16) also lets the fc products use bfloat16 inputs (:class:`_OneDNNMathMode`).
-  Measured CPU time on 1 thread (``scripts/benchmark_inference.py``, float32): 1.77x faster than dygraph for a
-  4.85 M-parameter transformer at 256 + 64 tokens (fc products and the fused attention, at the CPU's float32
-  peak in both paths, are 80% of the predictor's time), 2.42x for the same model on 32x32 images (batch 16),
-  3.0x for the demo transformer; bfloat16 products: 2.4x / 3.6x / 3.2x at a relative output difference of ~4e-3.
+  optimisations (on the GPU when Paddle has one). Everything is chosen through Paddle Inference's public
+  ``Config``: on CPU oneDNN fuses every linear layer (matmul + bias (+ gelu)) into one ``fc`` op while every other
+  op stays on Paddle's kernels (``delete_pass("onednn_placement_pass")``: oneDNN's placement of all ops was 1.4x
+  slower); intermediate buffers are kept between calls instead of being freed and allocated again by a
+  garbage-collection thread (:class:`_PredictorRun`, ``FLAGS_eager_delete_tensor_gb``);
+  ``precision="bfloat16"`` runs the oneDNN ops in bfloat16 (``Config.enable_onednn_bfloat16``, CPUs with
+  AVX512-BF16 / AMX).
 
 Input shapes are dynamic in the batch, image-token and text-token dimensions (``InputSpec`` with ``None``),
 so one compiled graph serves every resolution and batch size.
@@ -34,20 +26,22 @@ LoRA: compile or export a transformer whose LoRA is MERGED into the base weights
 exported weights hold the student. A live, unmerged adapter is refused with an error, because its run-time
 scale would be frozen into the graph silently.
 """
+import hashlib
+import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import paddle
 import paddle.nn as nn
 
 from ..models.transformer_flux import FluxTransformerOutput
-from .cpu_graph import expand_broadcast_operands, rewrite_for_cpu
 
 __all__ = ["CompiledTransformer", "compile_transformer", "build_predictor", "transformer_input_spec",
-           "cinn_available", "enable_cinn_flags", "bfloat16_available", "expand_broadcast_operands", "PRECISIONS"]
+           "cinn_available", "enable_cinn_flags", "bfloat16_available", "predictor_cache_key", "PRECISIONS"]
 
 logger = logging.getLogger(__name__)
 _INPUT_NAMES = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
@@ -183,7 +177,7 @@ def compile_transformer(model: nn.Layer, use_cinn: bool = True) -> CompiledTrans
     return CompiledTransformer(run, model.config, _model_dtype(model), "to_static")
 
 
-def _predictor_config(prefix: Path, threads: Optional[int], use_cinn: bool, onednn: bool):
+def _predictor_config(prefix: Path, threads: Optional[int], use_cinn: bool, onednn: bool, precision: str):
     model_file = prefix.with_suffix(".json")
     if not model_file.is_file():
         model_file = prefix.with_suffix(".pdmodel")
@@ -200,6 +194,8 @@ def _predictor_config(prefix: Path, threads: Optional[int], use_cinn: bool, oned
             # onto oneDNN: its elementwise, mean and stack kernels were 1.5-10x slower than Paddle's here
             # (stack 635 us against 50 us at 320 tokens), making the whole call 1.4x slower.
             config.delete_pass("onednn_placement_pass")
+            if precision == "bfloat16":
+                config.enable_onednn_bfloat16()
         else:
             config.disable_onednn()  # Paddle Inference turns oneDNN on by default on CPU
         config.set_cpu_math_library_num_threads(int(threads or os.environ.get("OMP_NUM_THREADS", 0) or
@@ -223,43 +219,7 @@ def bfloat16_available() -> bool:
     """The CPU computes bfloat16 natively (AVX512-BF16 or AMX) and Paddle has oneDNN."""
     core = paddle.base.core
     return (not _on_gpu() and core.is_compiled_with_mkldnn()
-            and bool(getattr(core, "supports_bfloat16_fast_performance", lambda: False)())
-            and _OneDNNMathMode.library_path().is_file())
-
-
-class _OneDNNMathMode:
-    """Context manager: oneDNN's default floating-point math mode set to bfloat16 inside, restored after.
-
-    oneDNN (``libdnnl``, shipped with Paddle) gives every primitive created while the mode is ``bf16`` the
-    right to compute float32 matrix products with bfloat16 inputs and float32 accumulation (AMX / AVX512-BF16):
-    the predictor's ``fc`` ops keep float32 inputs, outputs and weights in memory, no conversion ops are added.
-    Primitives created outside (other predictors, later shapes) stay exact.
-    """
-
-    _STRICT, _BF16 = 0, 1  # dnnl_fpmath_mode_strict, dnnl_fpmath_mode_bf16
-    _library = None
-
-    @staticmethod
-    def library_path() -> Path:
-        return Path(paddle.__file__).parent / "libs" / "libdnnl.so.3"
-
-    @classmethod
-    def library(cls):
-        if cls._library is None:
-            import ctypes
-
-            cls._library = ctypes.CDLL(str(cls.library_path()))
-        return cls._library
-
-    def __enter__(self):
-        status = self.library().dnnl_set_default_fpmath_mode(self._BF16)
-        if status != 0:
-            raise RuntimeError(f"oneDNN refused the bfloat16 math mode (status {status})")
-        return self
-
-    def __exit__(self, *exc):
-        self.library().dnnl_set_default_fpmath_mode(self._STRICT)
-        return False
+            and bool(getattr(core, "supports_bfloat16_fast_performance", lambda: False)()))
 
 
 def kept_buffer_bytes(config, batch: int, image_tokens: int, text_tokens: int) -> int:
@@ -287,10 +247,8 @@ class _PredictorRun:
     ``keep_buffers_limit_mb``; the flag is restored right after that run.
     """
 
-    def __init__(self, predictor, input_names, expected_names, model_config, keep_buffers_limit_mb: float,
-                 math_mode=None):
+    def __init__(self, predictor, input_names, expected_names, model_config, keep_buffers_limit_mb: float):
         self.predictor = predictor
-        self.math_mode = math_mode  # a context manager class entered around every run, or None
         self.input_names = input_names
         self.expected_names = expected_names
         self.model_config = model_config
@@ -298,12 +256,6 @@ class _PredictorRun:
         self.keeps_buffers = None  # decided at the first call
 
     def __call__(self, inputs):
-        if self.math_mode is None:
-            return self._call(inputs)
-        with self.math_mode():
-            return self._call(inputs)
-
-    def _call(self, inputs):
         by_name = dict(zip(self.expected_names, inputs))
         ordered = [by_name[name] for name in self.input_names]
         if self.keeps_buffers is None:
@@ -321,10 +273,46 @@ class _PredictorRun:
         return output.clone()
 
 
+PREDICTOR_KEY_FILE = "cache_key.txt"
+
+
+def predictor_cache_key(model: nn.Layer, sources: Sequence[str], use_cinn: bool = False) -> str:
+    """SHA-256 naming one exported predictor: ``sources`` (strings identifying the weights, e.g. file names with
+    sizes and modification times, and the LoRA file's digest and scale), the model's config and dtype, and the
+    Paddle version and commit that wrote the graph."""
+    parts = [*map(str, sources), json.dumps(dict(model.config), sort_keys=True, default=str), _model_dtype(model),
+             paddle.__version__, getattr(paddle.version, "commit", ""), f"cinn={bool(use_cinn)}"]
+    return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
+
+
+def _saved_predictor_matches(save_dir: Path, cache_key: Optional[str]) -> bool:
+    key_file = save_dir / PREDICTOR_KEY_FILE
+    prefix = save_dir / "transformer"
+    graph_saved = prefix.with_suffix(".json").is_file() or prefix.with_suffix(".pdmodel").is_file()
+    return (cache_key is not None and graph_saved and prefix.with_suffix(".pdiparams").is_file()
+            and key_file.is_file() and key_file.read_text().strip() == cache_key)
+
+
+def _export(model: nn.Layer, save_dir: Path, use_cinn: bool, cache_key: Optional[str]) -> None:
+    """``paddle.jit.save`` into a sibling temporary folder, then rename it to ``save_dir`` (a reader never sees a
+    half-written graph); the cache key is written last, inside the temporary folder."""
+    save_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.", dir=save_dir.parent))
+    try:
+        paddle.jit.save(_static_graph(model, use_cinn=use_cinn, announce=use_cinn), str(staging / "transformer"))
+        if cache_key is not None:
+            (staging / PREDICTOR_KEY_FILE).write_text(cache_key + "\n")
+        if save_dir.exists():
+            shutil.rmtree(save_dir)
+        os.replace(staging, save_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def build_predictor(model: nn.Layer, save_dir: Union[str, Path, None] = None, threads: Optional[int] = None,
-                    use_cinn: bool = False, onednn: bool = True, fuse_ops: bool = True, cpu_kernels: bool = True,
-                    expand_broadcasts: bool = True, keep_buffers_limit_mb: float = 512.0,
-                    precision: str = "float32") -> CompiledTransformer:
+                    use_cinn: bool = False, onednn: bool = True, keep_buffers_limit_mb: float = 512.0,
+                    precision: str = "float32", cache_key: Optional[str] = None) -> CompiledTransformer:
     """Export the transformer with ``paddle.jit.save`` and run it with a Paddle Inference predictor.
 
     Args:
@@ -334,21 +322,16 @@ def build_predictor(model: nn.Layer, save_dir: Union[str, Path, None] = None, th
         use_cinn: also compile with CINN inside the predictor (GPU builds with CINN; otherwise one line says
             that it is unavailable).
         onednn: CPU only: oneDNN's fc fusions (matmul + bias (+ gelu) -> one ``fc`` op), every other op on
-            Paddle's kernels. The linear bias adds are then left out of the broadcast expansion.
-        fuse_ops: CPU only: replace RMSNorm and attention subgraphs by Paddle's fused CPU kernels
-            (:func:`cpu_graph.fuse_rms_norm`, :func:`cpu_graph.fuse_attention`; float32) and reshapes of
-            intermediate values by in-place ones (:func:`cpu_graph.reshape_in_place`).
-        cpu_kernels: CPU only: replace the adaLN modulations, gated residuals, rotary embeddings and the packing
-            of q / k / v by the project's fused kernels (``kernel_fusions.py``; built with the C++ compiler on
-            first use, skipped with one logged line where that is impossible).
-        expand_broadcasts: CPU only: apply :func:`cpu_graph.expand_broadcast_operands` to the saved graph.
+            Paddle's kernels.
         keep_buffers_limit_mb: CPU only: keep all intermediate buffers between calls (no per-call free /
             allocate, see :class:`_PredictorRun`) when they need at most this much memory at the first call's
             shapes; 0 turns it off.
         precision: "float32", or "bfloat16" (CPU with native bfloat16, see :func:`bfloat16_available`;
-            needs ``onednn``): the fc matrix products take bfloat16 inputs with float32 accumulation
-            (:class:`_OneDNNMathMode`); weights, activations and every other op stay float32. Outputs then
-            differ from float32 by bfloat16 rounding (relative 1e-3 to 1e-2).
+            needs ``onednn``): Paddle Inference runs its oneDNN ops in bfloat16
+            (``Config.enable_onednn_bfloat16``). Outputs then differ from float32 by bfloat16 rounding.
+        cache_key: from :func:`predictor_cache_key`. When ``save_dir`` already holds a graph exported under the
+            same key, it is loaded without exporting again (``compiled.reused`` is True); otherwise the graph
+            is exported and the key written beside it.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -361,27 +344,24 @@ def build_predictor(model: nn.Layer, save_dir: Union[str, Path, None] = None, th
     if save_dir is None:
         keep_alive = tempfile.TemporaryDirectory(prefix="flux_predictor_")
         save_dir = keep_alive.name
-    prefix = Path(save_dir) / "transformer"
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    paddle.jit.save(_static_graph(model, use_cinn=use_cinn, announce=use_cinn), str(prefix))
+    save_dir = Path(save_dir)
+    reused = _saved_predictor_matches(save_dir, cache_key)
+    if reused:
+        _refuse_live_adapters(model)
+    else:
+        _export(model, save_dir, use_cinn, cache_key)
+    prefix = save_dir / "transformer"
     on_gpu = _on_gpu()
-    rewrites = {}
-    if not on_gpu:
-        rewrites = rewrite_for_cpu(prefix.with_suffix(".json"), fuse_norms=fuse_ops, fuse_attentions=fuse_ops,
-                                   fuse_kernels=cpu_kernels, expand_broadcasts=expand_broadcasts,
-                                   in_place_reshapes=fuse_ops, keep_linear_bias=onednn)
-    predictor = paddle.inference.create_predictor(_predictor_config(prefix, threads, use_cinn, onednn))
+    predictor = paddle.inference.create_predictor(_predictor_config(prefix, threads, use_cinn, onednn, precision))
     input_names = predictor.get_input_names()
     expected = list(_INPUT_NAMES[: len(transformer_input_spec(model))])
     if sorted(input_names) != sorted(expected):
         raise RuntimeError(f"exported graph has inputs {input_names}, expected {expected}")
-    run = _PredictorRun(predictor, input_names, expected, model.config, 0.0 if on_gpu else keep_buffers_limit_mb,
-                        math_mode=_OneDNNMathMode if precision == "bfloat16" else None)
+    run = _PredictorRun(predictor, input_names, expected, model.config, 0.0 if on_gpu else keep_buffers_limit_mb)
     compiled = CompiledTransformer(run, model.config, _model_dtype(model), "predictor")
-    compiled.save_dir = Path(save_dir)
+    compiled.save_dir = save_dir
     compiled.onednn = onednn
     compiled.precision = precision
-    compiled.rewrites = rewrites
-    compiled.expanded_operands = rewrites.get("expanded", 0)
+    compiled.reused = reused
     compiled._keep_alive = keep_alive
     return compiled

@@ -7,6 +7,7 @@ and per transformer call after warm-up runs.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -65,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor_precision", choices=["float32", "bfloat16"], default="float32",
                    help="with --inference_optimize on CPU: bfloat16 matrix products (CPUs with AMX / AVX512-BF16; "
                         "float32 weights and other ops, outputs within bfloat16 rounding of float32)")
-    p.add_argument("--predictor_dir", default=None, help="where the exported predictor model is kept (default: temp)")
+    p.add_argument("--predictor_dir", default=None,
+                   help="where the exported predictor is kept; reused while the transformer weights, LoRA, scale, "
+                        "dtype and Paddle version are unchanged (default: a folder named by them under "
+                        "$PPDIFFUSERS_FAST_CACHE, else ~/.cache/ppdiffusers_fast/predictors)")
     p.add_argument("--benchmark", action="store_true", help="warm-up runs, then timed runs (ms per image / call)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs with --benchmark")
     p.add_argument("--repeats", type=int, default=3, help="timed runs with --benchmark")
@@ -169,15 +173,36 @@ def build_pipeline(args):
             print(f"LoRA {lora.path} ({lora.style}): adapter '{lora.name}', scale {lora.scale:g}, "
                   f"sampling metadata {lora.sampling or 'none'}")
     runner = None
-    if args.inference_optimize or args.use_cinn:
-        pipe.fuse_lora()  # compiled graphs hold the merged student weights
+    if args.path_to_lora:
+        pipe.fuse_lora()  # adapters and scales are fixed for the run: fold them into the weights (no extra pass)
     if args.inference_optimize:
-        runner = build_predictor(pipe.transformer, args.predictor_dir, use_cinn=args.use_cinn,
-                                 precision=args.predictor_precision)
+        predictor_dir, key = predictor_location(args, pipe)
+        runner = build_predictor(pipe.transformer, predictor_dir, use_cinn=args.use_cinn,
+                                 precision=args.predictor_precision, cache_key=key)
+        print(f"predictor {'reused from' if runner.reused else 'exported to'} {predictor_dir}")
     elif args.use_cinn:
         runner = compile_transformer(pipe.transformer, use_cinn=True)
     pipe.set_transformer_runner(runner)
     return pipe
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PPDIFFUSERS_FAST_CACHE") or Path.home() / ".cache" / "ppdiffusers_fast")
+
+
+def predictor_location(args, pipe):
+    """``(folder, key)`` of the exported predictor: ``--predictor_dir`` or a cache folder named by the key, which
+    covers the transformer folder's files (names, sizes, modification times, safetensors headers), the LoRA
+    files' SHA-256 and scales, the model's config and dtype and the Paddle version (``predictor_cache_key``)."""
+    from ..evaluation.hashing import folder_fingerprint, sha256_file
+    from .compile import predictor_cache_key
+
+    folder = Path(args.pretrained_model_name_or_path) / "transformer"
+    sources = [f"transformer {folder_fingerprint(folder)['sha256']}"]
+    sources += [f"{path.name} {path.stat().st_size} {path.stat().st_mtime_ns}" for path in sorted(folder.iterdir())]
+    sources += [f"lora {sha256_file(lora.path)} scale {lora.scale!r}" for lora in pipe.loras.values()]
+    key = predictor_cache_key(pipe.transformer, sources, use_cinn=args.use_cinn)
+    return Path(args.predictor_dir or cache_root() / "predictors" / key[:32]), key
 
 
 def generate(pipe, args, prompts: List[str]):

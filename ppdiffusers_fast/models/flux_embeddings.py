@@ -4,23 +4,25 @@ embedding, pooled-text projection. Sub-layer names follow the diffusers checkpoi
 import math
 from typing import Sequence
 
-import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from .ops import Linear
+
+
 def rope_cos_sin(ids: paddle.Tensor, axes_dims: Sequence[int], theta: float = 10000.0):
-    """3-axis rotary embedding from integer positions (FLUX ``EmbedND``).
+    """3-axis rotary embedding from integer positions (FLUX ``EmbedND``), one angle per channel pair.
 
     For each axis a with ``d_a = axes_dims[a]`` channels and position ``p = ids[:, a]``, the angles are
-    ``p * theta^(-2j / d_a)`` for ``j = 0 .. d_a/2 - 1``; each angle is repeated twice (interleaved pairs), and the
-    axes are concatenated along channels. Angles are computed in float64 as the reference does.
+    ``p * theta^(-2j / d_a)`` for ``j = 0 .. d_a/2 - 1``; the axes are concatenated along the pairs. Angles are
+    computed in float64 as the reference does (which then repeats each one for the two channels of its pair).
 
     Args:
         ids: ``[L, n_axes]`` positions (text ids first, then image ids).
         axes_dims: channels per axis, summing to the head dim D; each must be even.
     Returns:
-        ``(cos, sin)``, each ``[L, D]`` float32.
+        ``(cos, sin)``, each ``[L, D / 2]`` float32.
     """
     if ids.ndim != 2 or ids.shape[-1] != len(axes_dims):
         raise ValueError(f"ids must have shape [L, {len(axes_dims)}], got {list(ids.shape)}")
@@ -32,63 +34,39 @@ def rope_cos_sin(ids: paddle.Tensor, axes_dims: Sequence[int], theta: float = 10
         exponents = paddle.arange(0, dim, 2, dtype="float64") / dim
         inv_freq = 1.0 / (theta ** exponents)  # [d/2]
         angles = positions[:, axis : axis + 1] * inv_freq[None, :]  # [L, d/2]
-        cos_parts.append(paddle.repeat_interleave(paddle.cos(angles), 2, axis=1))
-        sin_parts.append(paddle.repeat_interleave(paddle.sin(angles), 2, axis=1))
+        cos_parts.append(paddle.cos(angles))
+        sin_parts.append(paddle.sin(angles))
     cos = paddle.concat(cos_parts, axis=-1).astype("float32")
     sin = paddle.concat(sin_parts, axis=-1).astype("float32")
     return cos, sin
 
 
-def pair_rotation_matrix(dim: int) -> np.ndarray:
-    """``R [dim, dim]`` float32 with ``(x @ R)_{2j} = -x_{2j+1}`` and ``(x @ R)_{2j+1} = x_{2j}``: the rotation of
-    every channel pair by 90 degrees as a signed permutation (``R[2j+1, 2j] = -1``, ``R[2j, 2j+1] = 1``, else 0).
-
-    Every output channel is one input channel times +-1 plus zeros, so ``x @ R`` is exact in any float dtype.
-    """
-    if dim % 2 != 0:
-        raise ValueError(f"the rotary head dim must be even, got {dim}")
-    rotation = np.zeros([dim, dim], dtype=np.float32)
-    evens = np.arange(0, dim, 2)
-    rotation[evens + 1, evens] = -1.0
-    rotation[evens, evens + 1] = 1.0
-    return rotation
+def rope_rotations(cos: paddle.Tensor, sin: paddle.Tensor, batch, heads: int) -> paddle.Tensor:
+    """The unit complex numbers ``cos + i sin`` of :func:`rope_cos_sin`, expanded once to
+    ``[batch, L, heads, D / 2]`` complex64 so that every block's rotations multiply same-shape tensors.
+    ``batch`` is an int, or a 0-d tensor (``paddle.shape(x)[0]``) in a static graph with a dynamic batch."""
+    rotations = paddle.complex(cos, sin)[None, :, None, :]
+    return paddle.expand(rotations, [batch, -1, heads, -1])
 
 
-_ROTATIONS = {}
+def apply_rope(x: paddle.Tensor, rotations: paddle.Tensor) -> paddle.Tensor:
+    """Rotate channel pairs ``(x_{2j}, x_{2j+1})`` by the angle of position and pair (RoFormer, eq. 34), as one
+    complex product ``(x_{2j} + i x_{2j+1}) (cos_j + i sin_j)`` in float32:
 
-
-def _pair_rotation(dim: int) -> paddle.Tensor:
-    """:func:`pair_rotation_matrix` as a tensor: cached in dygraph, a graph constant under ``to_static``."""
-    if not paddle.in_dynamic_mode():
-        return paddle.to_tensor(pair_rotation_matrix(dim))
-    if dim not in _ROTATIONS:
-        _ROTATIONS[dim] = paddle.to_tensor(pair_rotation_matrix(dim))
-    return _ROTATIONS[dim]
-
-
-def apply_rope(x: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor) -> paddle.Tensor:
-    """Rotate channel pairs ``(x_{2j}, x_{2j+1})`` by the angle of position and pair (RoFormer, eq. 34).
-
-    ``out = x * cos + rot(x) * sin`` with ``rot(x)_{2j} = -x_{2j+1}``, ``rot(x)_{2j+1} = x_{2j}``, in float32.
-    ``rot(x) = x @ R`` with the signed permutation ``R`` of :func:`pair_rotation_matrix` (exact): one small
-    matrix product instead of splitting, negating and interleaving the pairs (5 ops; kept for float32 on GPU).
+    ``out_{2j} = x_{2j} cos_j - x_{2j+1} sin_j``, ``out_{2j+1} = x_{2j+1} cos_j + x_{2j} sin_j``, the values of
+    the reference's ``x * cos + rot(x) * sin`` with ``rot(x)_{2j} = -x_{2j+1}``, ``rot(x)_{2j+1} = x_{2j}``.
+    The pairs are viewed as complex numbers in place (``as_complex``), so no slicing or interleaving runs.
 
     Args:
-        x: ``[B, L, H, D]``; cos, sin: ``[L, D]``.
+        x: ``[B, L, H, D]``; rotations: ``[B, L, H, D / 2]`` complex64 (:func:`rope_rotations`).
     Returns:
         ``[B, L, H, D]`` in the dtype of ``x``.
     """
-    x32 = x.astype("float32")
-    if x.dtype == paddle.float32 and paddle.get_device().startswith("gpu"):
-        # GPU float32 matrix products may run in TF32 (10-bit mantissa), which would round x: keep the exact
-        # split / negate / interleave form there (inputs from float16 / bfloat16 fit TF32 exactly).
-        pairs = x32.reshape(list(x32.shape[:-1]) + [-1, 2])
-        rotated = paddle.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x32.shape)
-    else:
-        rotated = paddle.matmul(x32, _pair_rotation(x32.shape[-1]))
-    cos = cos[None, :, None, :]
-    sin = sin[None, :, None, :]
-    return (x32 * cos + rotated * sin).astype(x.dtype)
+    x32 = x if x.dtype == paddle.float32 else x.astype("float32")
+    head_dim = x.shape[-1]  # static even under to_static, so the graph keeps the head dim known
+    pairs = paddle.as_complex(x32.reshape([0, 0, 0, head_dim // 2, 2]))
+    out = paddle.as_real(pairs * rotations).reshape([0, 0, 0, head_dim])
+    return out if x.dtype == paddle.float32 else out.astype(x.dtype)
 
 
 def timestep_frequencies(num_channels: int = 256, max_period: float = 10000.0) -> paddle.Tensor:
@@ -123,8 +101,8 @@ class TimestepEmbedding(nn.Layer):
 
     def __init__(self, in_channels: int, dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(in_channels, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = Linear(in_channels, dim)
+        self.linear_2 = Linear(dim, dim)
 
     def forward(self, x):
         return self.linear_2(F.silu(self.linear_1(x)))
@@ -135,8 +113,8 @@ class PooledTextProjection(nn.Layer):
 
     def __init__(self, pooled_dim: int, dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(pooled_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = Linear(pooled_dim, dim)
+        self.linear_2 = Linear(dim, dim)
 
     def forward(self, x):
         return self.linear_2(F.silu(self.linear_1(x)))

@@ -29,7 +29,8 @@ from typing import Dict, Iterator, List, Tuple
 
 import paddle
 import paddle.nn as nn
-import paddle.nn.functional as F
+
+from .ops import linear
 
 # Double blocks: attention of both streams and both MLPs; single blocks: attention q/k/v, proj_mlp and proj_out.
 # A pattern matches a sub-layer whose dotted name ends with the pattern's parts; "*" matches any one part.
@@ -139,7 +140,9 @@ class LoraAdapter(nn.Layer):
         h = self.dropout(x) if self.dropout is not None else x
         if h.dtype != self.lora_A.dtype:
             h = h.astype(self.lora_A.dtype)
-        return paddle.matmul(paddle.matmul(h, self.lora_A), self.lora_B) * (self.scale * self.scaling)
+        update = paddle.matmul(paddle.matmul(h, self.lora_A), self.lora_B)
+        factor = self.scale * self.scaling
+        return update if factor == 1.0 else update * factor  # no pass over [..., out] for a factor of exactly 1
 
 
 class LoraLinear(nn.Linear):
@@ -178,7 +181,7 @@ class LoraLinear(nn.Linear):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         """``x [..., in] -> x W + b + sum of live, unmerged adapters' updates [..., out]``."""
-        out = F.linear(x, self.weight, self.bias)
+        out = linear(x, self.weight, self.bias)
         for name in self.live_adapters:
             if name in self.lora_adapters:
                 adapter = self.lora_adapters[name]

@@ -25,8 +25,9 @@ from ppdiffusers.configuration_utils import ConfigMixin, register_to_config  # n
 from ppdiffusers.models.modeling_utils import ModelMixin  # noqa: E402
 from ppdiffusers.utils import BaseOutput  # noqa: E402
 
-from .flux_embeddings import TimeTextEmbedding, rope_cos_sin
+from .flux_embeddings import TimeTextEmbedding, rope_rotations, rope_cos_sin
 from .flux_layers import AdaLayerNormContinuous, FluxSingleTransformerBlock, FluxTransformerBlock, count_parameters
+from .ops import Linear, dense_results
 
 __all__ = ["FluxTransformer2DModel", "FluxTransformerOutput", "count_parameters"]
 
@@ -70,8 +71,8 @@ class FluxTransformer2DModel(ModelMixin, ConfigMixin):
         self.axes_dims_rope = [int(d) for d in axes_dims_rope]
 
         self.time_text_embed = TimeTextEmbedding(self.inner_dim, pooled_projection_dim, with_guidance=guidance_embeds)
-        self.context_embedder = nn.Linear(joint_attention_dim, self.inner_dim)
-        self.x_embedder = nn.Linear(in_channels, self.inner_dim)
+        self.context_embedder = Linear(joint_attention_dim, self.inner_dim)
+        self.x_embedder = Linear(in_channels, self.inner_dim)
         self.transformer_blocks = nn.LayerList(
             [FluxTransformerBlock(self.inner_dim, num_attention_heads, attention_head_dim) for _ in range(num_layers)]
         )
@@ -82,7 +83,7 @@ class FluxTransformer2DModel(ModelMixin, ConfigMixin):
             ]
         )
         self.norm_out = AdaLayerNormContinuous(self.inner_dim, self.inner_dim)
-        self.proj_out = nn.Linear(self.inner_dim, patch_size * patch_size * self.out_channels)
+        self.proj_out = Linear(self.inner_dim, patch_size * patch_size * self.out_channels)
         self.gradient_checkpointing = False
 
     # ------------------------------------------------------------------ gradient checkpointing
@@ -130,11 +131,11 @@ class FluxTransformer2DModel(ModelMixin, ConfigMixin):
         if not cfg.guidance_embeds and guidance is not None:
             raise ValueError("this transformer has no guidance embedding (guidance_embeds=False): pass guidance=None")
 
-    def _run_block(self, block, hidden_states, encoder_hidden_states, temb, rope_cos, rope_sin):
+    def _run_block(self, block, hidden_states, encoder_hidden_states, temb, rope):
         if self.gradient_checkpointing and self.training and paddle.is_grad_enabled():
-            return recompute(block, hidden_states, encoder_hidden_states, temb, rope_cos, rope_sin,
+            return recompute(block, hidden_states, encoder_hidden_states, temb, rope,
                              use_reentrant=False)
-        return block(hidden_states, encoder_hidden_states, temb, rope_cos, rope_sin)
+        return block(hidden_states, encoder_hidden_states, temb, rope)
 
     def forward(
         self,
@@ -161,6 +162,15 @@ class FluxTransformer2DModel(ModelMixin, ConfigMixin):
         Returns:
             :class:`FluxTransformerOutput`, or ``(sample,)`` / ``(sample, block_features)`` when ``return_dict=False``.
         """
+        if not paddle.in_dynamic_mode():
+            return self._forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids,
+                                 txt_ids, guidance, return_block_features, return_dict)
+        with dense_results():
+            return self._forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids,
+                                 txt_ids, guidance, return_block_features, return_dict)
+
+    def _forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                 guidance, return_block_features, return_dict):
         if img_ids.ndim == 3:
             img_ids = img_ids[0]
         if txt_ids.ndim == 3:
@@ -175,11 +185,13 @@ class FluxTransformer2DModel(ModelMixin, ConfigMixin):
         temb = self.time_text_embed(timestep, pooled_projections, guidance)
         encoder_hidden_states = self.context_embedder(encoder_hidden_states)
         rope_cos, rope_sin = rope_cos_sin(paddle.concat([txt_ids, img_ids], axis=0), self.axes_dims_rope)
+        batch = hidden_states.shape[0] if paddle.in_dynamic_mode() else paddle.shape(hidden_states)[0]
+        rope = rope_rotations(rope_cos, rope_sin, batch, self.config.num_attention_heads)
 
         block_features = [] if return_block_features else None
         for block in list(self.transformer_blocks) + list(self.single_transformer_blocks):
             encoder_hidden_states, hidden_states = self._run_block(
-                block, hidden_states, encoder_hidden_states, temb, rope_cos, rope_sin
+                block, hidden_states, encoder_hidden_states, temb, rope
             )
             if block_features is not None:
                 block_features.append(hidden_states)

@@ -29,6 +29,7 @@ import paddle
 
 from ..methods.base import DistillationMethod, StepResult
 from ..models.finite import describe_non_finite, non_finite_names
+from ..models.ops import dense_results
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .logging import NonFiniteLossError, NonFiniteWeightsError, TrainingLogger, check_finite
@@ -149,7 +150,7 @@ class Trainer:
         metric_sums: Dict[str, float] = defaultdict(float)
         for _ in range(accumulation):
             batch = next(self.batches)
-            with autocast(self.precision):
+            with dense_results(), autocast(self.precision):
                 results = self.method.train_step(batch, self.step)
             results = [results] if isinstance(results, StepResult) else list(results)
             for result in results:
@@ -161,7 +162,8 @@ class Trainer:
                 for name, value in result.metrics.items():
                     metric_sums[name] += float(value) / accumulation
                 if all(np.isfinite(v) for v in loss_sums.values()):
-                    self._backward(result.total() / accumulation, result.group)
+                    with dense_results():
+                        self._backward(result.total() / accumulation, result.group)
         return dict(loss_sums), dict(metric_sums)
 
     def _update(self, groups: List[str]) -> Dict[str, float]:

@@ -195,3 +195,30 @@ def test_empty_prompt_is_used_as_given(tmp_path, monkeypatch):
                                                                        str(tmp_path)]
     paths = generate_cli.main(argv)
     assert seen == [[""]] and len(paths) == 1
+
+
+def test_second_run_reuses_the_exported_predictor(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PPDIFFUSERS_FAST_CACHE", str(tmp_path / "cache"))
+    for expected in ("exported to", "reused from"):
+        generate_cli.main(COMMON + ["--output_dir", str(tmp_path / "out"), "--inference_optimize"])
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("predictor ")]
+        assert len(lines) == 1 and expected in lines[0] and str(tmp_path / "cache" / "predictors") in lines[0]
+    assert len(list((tmp_path / "cache" / "predictors").iterdir())) == 1
+
+
+def test_predictor_cache_key_follows_the_lora_scale(tmp_path, capsys, monkeypatch):
+    """The same LoRA at another scale is another student: its predictor is exported again, not reused."""
+    from ppdiffusers_fast.models.lora import LoraConfig, inject_lora
+    from ppdiffusers_fast.models.lora_io import save_lora
+    from ppdiffusers_fast.models.weights import load_flux_transformer
+
+    lora_file = tmp_path / "student.safetensors"
+    model = load_flux_transformer(FOLDER / "transformer")
+    inject_lora(model, LoraConfig(rank=2, alpha=2.0, target_modules=("attn.to_q",)), "student")
+    save_lora(model, "student", lora_file)
+    monkeypatch.setenv("PPDIFFUSERS_FAST_CACHE", str(tmp_path / "cache"))
+    for scale, expected in (("1.0", "exported to"), ("0.5", "exported to"), ("1.0", "reused from")):
+        generate_cli.main(COMMON + ["--output_dir", str(tmp_path / "out"), "--inference_optimize",
+                                    "--path_to_lora", str(lora_file), "--lora_scale", scale])
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("predictor ")]
+        assert len(lines) == 1 and expected in lines[0]
