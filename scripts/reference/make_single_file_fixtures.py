@@ -124,7 +124,7 @@ def diffusers_bfl_converter(inner_dim):
     source = inspect.getsource(single_file_utils.convert_flux_transformer_checkpoint_to_diffusers)
     assert source.count("inner_dim = 3072") == 1
     namespace = dict(vars(single_file_utils))
-    exec(source.replace("inner_dim = 3072", f"inner_dim = {inner_dim}"), namespace)
+    exec(source.replace("inner_dim = 3072", f"inner_dim = {inner_dim}"), namespace)  # trusted: the installed diffusers source
     return namespace["convert_flux_transformer_checkpoint_to_diffusers"]
 
 
