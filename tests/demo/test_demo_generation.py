@@ -53,3 +53,15 @@ def test_example_script_generates_with_the_demo_by_default(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     paths = sorted((tmp_path / "images").glob("*.png"))
     assert [Image.open(p).size for p in paths] == [(32, 32)]
+
+
+@pytest.mark.parametrize("name, steps", [("student_lora.safetensors", 4), ("student_2step_lora.safetensors", 2),
+                                         ("student_1step_lora.safetensors", 1)])
+def test_committed_students_sample_their_own_step_count(tmp_path, capsys, name, steps):
+    lora = DEMO_MODEL_DIR / name
+    if not lora.is_file():
+        pytest.skip(f"no committed {name}")
+    generate_cli.main(["--path_to_lora", str(lora), "--output_dir", str(tmp_path), "--benchmark", "--warmup", "0",
+                       "--repeats", "1"], fill_defaults=lambda args: fill_demo_defaults(args, output_dir=tmp_path))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("benchmark"))
+    assert f"({steps} calls)" in line  # one transformer call per step, no --step given

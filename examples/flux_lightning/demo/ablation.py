@@ -17,6 +17,7 @@ FID against steps per method).
 """
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -236,11 +237,17 @@ def measure_curve(metric, teacher, classifier, row_dir: Path, lora: Path) -> Lis
     for checkpoint in sorted(row_dir.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1])):
         step = int(checkpoint.name.split("-")[1])
         exported = checkpoint_lora(checkpoint, lora, row_dir / f"curve_{step}.safetensors")
-        measured, _ = measure_student(metric, teacher, classifier, exported, f"{row_dir.name}_curve_{step}")
+        measured, _ = measure_student(metric, teacher, classifier, exported,
+                                      adapter_name(f"{row_dir.name}_curve_{step}"))
         points.append({"step": step, **measured})
         print(f"[ablation] {row_dir.name} checkpoint {step}: FID {measured['fid_disjoint']:.2f}, excess "
               f"{measured['excess']:.2f}", flush=True)
     return points
+
+
+def adapter_name(text: str) -> str:
+    """An adapter name (an identifier) made from a row name: other characters become ``_``."""
+    return re.sub(r"\W", "_", text)
 
 
 def _split(text: str, cast=str) -> List:
@@ -321,7 +328,7 @@ def main(argv=None) -> dict:
                     lora = distill(recipe, row_dir, folder, seed=seed, data_path=cache,
                                    log=lambda m: print(f"[ablation] {m}", flush=True))
                 seconds = train_seconds_of(row_dir, time.perf_counter() - begin)
-                measured, sampling = measure_student(metric, teacher, classifier, lora, f"{method}_k{k}_s{seed}")
+                measured, sampling = measure_student(metric, teacher, classifier, lora, adapter_name(row_dir.name))
                 if args.curves:
                     row["curve"] = measure_curve(metric, teacher, classifier, row_dir, lora)
                 add({**row, **measured, "train_seconds": seconds, "train_steps": recipe.max_train_steps,
