@@ -180,8 +180,12 @@ def save_plot(rows: Sequence[dict], path) -> Path:
         low = [m - min(v) for m, v in zip(means, members)]
         high = [max(v) - m for m, v in zip(means, members)]
         axis.errorbar(ks, means, yerr=[low, high], marker="o", capsize=3, label=ROW_LABELS.get(method, method))
+    committed = sorted((r["K"], r["excess"]) for r in rows if r["kind"] == "committed")
+    if committed:
+        axis.plot(*zip(*committed), "k*", markersize=12, linestyle="none", label="committed students")
     axis.set_xscale("log", base=2)
-    axis.set_yscale("symlog", linthresh=0.5)
+    positive = all(r["excess"] > 0 for r in rows)
+    axis.set_yscale("log") if positive else axis.set_yscale("symlog", linthresh=0.5)
     axis.set_xlabel("sampling steps")
     axis.set_ylabel("excess FID over the noise floor (lower is better)")
     axis.grid(alpha=0.3)
