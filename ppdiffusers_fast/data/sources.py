@@ -62,6 +62,61 @@ def teacher_folders(path) -> Tuple[Path, Optional[Path]]:
     return path, None
 
 
+@dataclass(frozen=True)
+class TeacherEncoders:
+    """Where the teacher's VAE, tokenizers and text encoders come from, for encoding images and prompts.
+
+    Either a FLUX folder (``vae/``, ``text_encoder/``, ``text_encoder_2/``, ``tokenizer/``, ``tokenizer_2/``), or
+    the single files Black Forest Labs and ComfyUI ship (``vae_file`` = ``ae.safetensors``, ``clip_l_file``,
+    ``t5_file``, fp8 included) with ``folder`` holding ``tokenizer/`` and ``tokenizer_2/`` (and the components'
+    ``config.json`` files when present), as ``--vae_file --clip_l_file --t5_file`` with
+    ``--pretrained_teacher_model`` give them. ``folder`` None: no encoders (latent data only).
+    """
+    folder: Optional[Path] = None
+    vae_file: Optional[Path] = None
+    clip_l_file: Optional[Path] = None
+    t5_file: Optional[Path] = None
+
+    @property
+    def single_files(self) -> bool:
+        return self.vae_file is not None
+
+    def has_text_encoders(self) -> bool:
+        return self.single_files or has_text_encoders(self.folder)
+
+    def has_vae(self) -> bool:
+        return self.single_files or has_vae(self.folder)
+
+    def text_encoder(self, max_sequence_length: int, dtype: str = "float32"):
+        """``data.encoders.FluxTextEncoder`` (CLIP pooled + T5 sequence)."""
+        if not self.single_files:
+            return load_text_encoder(self.folder, max_sequence_length, dtype)
+        from ..models import single_file
+        from ..models.flux_folder import load_tokenizers
+        from .encoders import FluxTextEncoder
+
+        configs = single_file.component_configs(self.folder)
+        clip_tokenizer, t5_tokenizer = load_tokenizers(self.folder)
+        return FluxTextEncoder(clip_tokenizer, single_file.load_clip_l(self.clip_l_file, dtype, configs["clip_l"]),
+                               t5_tokenizer, single_file.load_t5(self.t5_file, dtype, configs["t5"]),
+                               max_sequence_length)
+
+    def vae(self):
+        """The float32 ``AutoencoderKL``."""
+        if not self.single_files:
+            from ..models.flux_folder import load_vae
+
+            return load_vae(self.folder)
+        from ..models import single_file
+
+        return single_file.load_bfl_vae(self.vae_file, "float32", single_file.component_configs(self.folder)["vae"])
+
+    def __str__(self) -> str:
+        if self.single_files:
+            return f"{self.vae_file}, {self.clip_l_file}, {self.t5_file} (tokenizers in {self.folder})"
+        return str(self.folder)
+
+
 def has_text_encoders(folder: Optional[Path]) -> bool:
     """True when the FLUX ``folder`` has both tokenizers and both text encoders."""
     return folder is not None and all((folder / sub / "config.json").is_file()
@@ -194,17 +249,17 @@ def image_loader(data, layout: str, seed: int, rank: int, world: int, max_bad_fr
                                       max_bad_fraction=max_bad_fraction, min_records=min_records)
 
 
-def _image_data(data, layout: str, seed: int, rank: int, world: int, flux_folder: Optional[Path]) -> TrainingData:
-    from ..models.flux_folder import load_vae
+def _image_data(data, layout: str, seed: int, rank: int, world: int, encoders: TeacherEncoders) -> TrainingData:
     from .encoders import VaeLatentEncoder
 
-    if not (has_text_encoders(flux_folder) and has_vae(flux_folder)):
-        raise FileNotFoundError(f"encoding images on the fly needs a FLUX folder with vae/, tokenizers and text "
-                                f"encoders as --pretrained_teacher_model (got {flux_folder})")
+    if not (encoders.has_text_encoders() and encoders.has_vae()):
+        raise FileNotFoundError(f"encoding images on the fly needs the teacher's VAE and text encoders: a FLUX folder "
+                                f"with vae/, tokenizers and text encoders as --pretrained_teacher_model, or "
+                                f"--vae_file --clip_l_file --t5_file (got {encoders})")
     loader = image_loader(data, layout, seed, rank, world)
-    vae = load_vae(flux_folder)
+    vae = encoders.vae()
     image_encoder = VaeLatentEncoder(vae)
-    text_encoder = load_text_encoder(flux_folder, data.max_sequence_length)
+    text_encoder = encoders.text_encoder(data.max_sequence_length)
 
     def encode(raw):
         prompt_embeds, pooled = text_encoder(raw["captions"])
@@ -215,12 +270,12 @@ def _image_data(data, layout: str, seed: int, rank: int, world: int, flux_folder
     return TrainingData(LoaderStream(loader, encode), batches_per_epoch, None, (image_encoder, text_encoder, vae))
 
 
-def build_training_data(data, seed: int, rank: int, world: int, flux_folder: Optional[Path]) -> TrainingData:
-    """The training stream for ``data.data_path`` (``data``: the ``DataConfig`` section; ``flux_folder``: the
-    teacher's FLUX folder, needed to encode images)."""
+def build_training_data(data, seed: int, rank: int, world: int, encoders: TeacherEncoders) -> TrainingData:
+    """The training stream for ``data.data_path`` (``data``: the ``DataConfig`` section; ``encoders``: the
+    teacher's VAE and text encoders, needed to encode images)."""
     layout = detect_layout(data)
     if layout in IMAGE_LAYOUTS:
-        return _image_data(data, layout, seed, rank, world, flux_folder)
+        return _image_data(data, layout, seed, rank, world, encoders)
     if layout == "cache":
         from .cache import CachedDataset
 

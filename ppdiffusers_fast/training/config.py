@@ -32,6 +32,7 @@ from ..methods.pcm import PCMConfig
 from ..methods.reflow import ReflowConfig
 from ..methods.registry import METHOD_IGNORES, METHOD_USES, METHODS
 from ..models.lora import REFERENCE_TARGET_MODULES, LoraConfig, resolve_target_modules
+from ..pipelines.model_files import FILE_HELP
 
 
 @dataclass
@@ -40,6 +41,11 @@ class ModelConfig:
         None, "FLUX folder in diffusers layout (transformer/ sub-folder or the transformer folder itself), or a "
         "Black Forest Labs / ComfyUI transformer file (flux1-dev.safetensors, fp8 included); "
         "the reference run used black-forest-labs/FLUX.1-dev")
+    transformer_file: Optional[str] = flag(None, FILE_HELP["transformer"] + "; the four single-file flags go "
+                                           "together, --pretrained_teacher_model then names the tokenizers' folder")
+    vae_file: Optional[str] = flag(None, FILE_HELP["vae"])
+    clip_l_file: Optional[str] = flag(None, FILE_HELP["clip_l"])
+    t5_file: Optional[str] = flag(None, FILE_HELP["t5"])
     teacher_guidance: str = flag(
         "auto", "how the teacher applies guidance: embedded (FLUX.1-dev), cfg (two passes with an "
         "unconditional embedding), auto (embedded when the transformer has a guidance embedding)",

@@ -4,13 +4,12 @@
 the prompts of ``--validation_prompt`` when the teacher folder has text encoders (else the first batch's own
 prompts), and a VAE decode when it has a VAE (else :func:`latent_preview`).
 """
-from pathlib import Path
 from typing import Callable, List, Optional
 
 import numpy as np
 import paddle
 
-from ..data.sources import TrainingData, has_text_encoders, has_vae, load_text_encoder
+from ..data.sources import TeacherEncoders, TrainingData
 from ..methods.denoiser import FluxCondition
 from .batches import flux_condition
 
@@ -75,7 +74,7 @@ def vae_decoder(vae, latent_h: int, latent_w: int) -> Callable[[paddle.Tensor], 
     return decode
 
 
-def build_validator(config, data: TrainingData, flux_folder: Optional[Path]) -> Optional[Validator]:
+def build_validator(config, data: TrainingData, encoders: TeacherEncoders) -> Optional[Validator]:
     """Fixed prompts and noise for ``--validation_steps`` (``config``: the ``TrainConfig``); None when off."""
     if not config.run.validation_steps:
         return None
@@ -84,8 +83,8 @@ def build_validator(config, data: TrainingData, flux_folder: Optional[Path]) -> 
     count = max(1, config.run.num_validation_images)
     text_encoder = data.encoders[1] if data.encoders else None
     vae = data.encoders[2] if data.encoders else None
-    if text_encoder is None and has_text_encoders(flux_folder):
-        text_encoder = load_text_encoder(flux_folder, config.data.max_sequence_length)
+    if text_encoder is None and encoders.has_text_encoders():
+        text_encoder = encoders.text_encoder(config.data.max_sequence_length)
     if text_encoder is not None:
         prompts = [p.strip() for p in config.run.validation_prompt.split("|") if p.strip()]
         prompts = [p for p in prompts for _ in range(count)]
@@ -96,10 +95,8 @@ def build_validator(config, data: TrainingData, flux_folder: Optional[Path]) -> 
                              probe.cond.img_ids)
     generator = np.random.RandomState(config.run.seed or 0)
     noise = paddle.to_tensor(generator.randn(cond.batch_size, *probe.latents.shape[1:]).astype("float32"))
-    if vae is None and has_vae(flux_folder):
-        from ..models.flux_folder import load_vae
-
-        vae = load_vae(flux_folder)
+    if vae is None and encoders.has_vae():
+        vae = encoders.vae()
     decode = (lambda tokens: latent_preview(tokens, (latent_h, latent_w))) if vae is None else \
         vae_decoder(vae, latent_h, latent_w)
     return Validator(cond, noise, decode, config.run.sample_batch_size)

@@ -129,3 +129,55 @@ def test_training_steps_on_an_image_layout(tmp_path, layout, fixtures_dir):
         assert sum(state["stream"]["consumed"].values()) == 2 and state["stream"]["epoch"] == 0
     else:
         assert state["sampler"]["position"] == 2
+
+
+def test_training_from_single_files_equals_training_from_the_folder(tmp_path, fixtures_dir):
+    """--transformer_file --vae_file --clip_l_file --t5_file, with --pretrained_teacher_model naming a folder that
+    has only the tokenizers and config files, train on images encoded on the fly and give the same LoRA, bit for
+    bit, as the FLUX folder that holds the same weights (tests/fixtures/single_file is written from it)."""
+    import shutil
+
+    from ppdiffusers_fast.models import safetensors_io
+
+    entry_point = runpy.run_path(str(ENTRY_POINT), run_name="train_flux_lightning_lora")["main"]
+    folder, files = fixtures_dir / "pipeline" / "tiny_flux", fixtures_dir / "single_file"
+    tokenizers = tmp_path / "tokenizers"
+    for sub in ("tokenizer", "tokenizer_2"):
+        shutil.copytree(folder / sub, tokenizers / sub)
+    for sub in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        (tokenizers / sub).mkdir()
+        shutil.copy(folder / sub / "config.json", tokenizers / sub / "config.json")
+    data = write_image_folder(tmp_path / "data")
+    common = ["--method", "pcm", "--data_path", str(data), "--resolution", "64", "--lora_rank", "2",
+              "--max_train_steps", "2", "--dataloader_num_workers", "0", "--train_batch_size", "1",
+              "--num_euler_timesteps", "8", "--multiphase", "2", "--max_sequence_length", "16",
+              "--validation_steps", "0", "--checkpointing_steps", "10"]
+    entry_point(common + ["--pretrained_teacher_model", str(folder), "--output_dir", str(tmp_path / "folder")])
+    entry_point(common + ["--pretrained_teacher_model", str(tokenizers), "--output_dir", str(tmp_path / "files"),
+                          "--transformer_file", str(files / "flux1-tiny.safetensors"),
+                          "--vae_file", str(files / "ae-tiny.safetensors"),
+                          "--clip_l_file", str(files / "clip_l-tiny.safetensors"),
+                          "--t5_file", str(files / "t5xxl-tiny.safetensors")])
+    from_folder = safetensors_io.load_file(tmp_path / "folder" / "pcm_lora.safetensors")
+    from_files = safetensors_io.load_file(tmp_path / "files" / "pcm_lora.safetensors")
+    assert sorted(from_folder) == sorted(from_files) and len(from_folder) > 0
+    for key, value in from_folder.items():
+        assert np.array_equal(value, from_files[key]), key
+    assert any(np.abs(value).max() > 0 for value in from_folder.values())  # the LoRA trained
+
+
+def test_training_single_files_are_checked_before_loading(tmp_path, fixtures_dir):
+    """A missing single-file flag, or a tokenizers' folder without tokenizer_2/, is a usage error naming it."""
+    from ppdiffusers_fast.command_line import UsageError
+    from ppdiffusers_fast.training.config import config_from_args
+    from ppdiffusers_fast.training.launch import check_inputs
+
+    files = fixtures_dir / "single_file"
+    base = ["--data_path", str(write_image_folder(tmp_path / "data")), "--output_dir", str(tmp_path / "out"),
+            "--transformer_file", str(files / "flux1-tiny.safetensors"), "--vae_file", str(files / "ae-tiny.safetensors")]
+    with pytest.raises(UsageError, match=r"missing: --clip_l_file, --t5_file"):
+        check_inputs(config_from_args(base + ["--pretrained_teacher_model", str(fixtures_dir / "pipeline" / "tiny_flux")]))
+    (tmp_path / "only_clip" / "tokenizer").mkdir(parents=True)
+    full = base + ["--clip_l_file", str(files / "clip_l-tiny.safetensors"), "--t5_file", str(files / "t5xxl-tiny.safetensors")]
+    with pytest.raises(UsageError, match=r"tokenizer_2"):
+        check_inputs(config_from_args(full + ["--pretrained_teacher_model", str(tmp_path / "only_clip")]))
