@@ -5,6 +5,8 @@
     # several processes, each encoding a disjoint part (GPUs: --gpus 0,1,...; CPU: --nproc_per_node N):
     python -m paddle.distributed.launch --gpus 0,1,2,3 scripts/build_latent_cache.py ...
 
+Single files instead of the folder's encoders: ``--vae_file ae.safetensors --clip_l_file clip_l.safetensors
+--t5_file t5xxl_fp16.safetensors`` with ``--pretrained_model_name_or_path`` naming the folder with the tokenizers.
 ``--data_path``: tar shards (``scripts/download_laion_images.py``), an image folder with ``.txt`` captions, or
 base64 line files with ``--file_list_path``. Images are scaled and centre-cropped to ``--resolution``. Train on
 the cache with ``--data_path <output_dir>``. Running the same command again goes on where a killed run stopped;
@@ -18,15 +20,43 @@ from pathlib import Path
 
 from ppdiffusers_fast.data.bad_records import TooManyBadRecordsError
 from ppdiffusers_fast.data.cache_builder import CacheSettings, build_latent_cache
-from ppdiffusers_fast.data.sources import IMAGE_LAYOUTS, detect_path_layout, has_text_encoders, has_vae, \
-    image_reader, load_text_encoder
+from ppdiffusers_fast.data.sources import IMAGE_LAYOUTS, TeacherEncoders, detect_path_layout, image_reader
+from ppdiffusers_fast.pipelines.model_files import FILE_HELP
 from ppdiffusers_fast.training import distributed as dist
+
+
+ENCODER_FILE_KINDS = ("vae", "clip_l", "t5")
+
+
+def teacher_encoders(args) -> TeacherEncoders:
+    """The VAE and text encoders the flags name (ValueError naming the flag or path when incomplete)."""
+    teacher = Path(args.pretrained_model_name_or_path)
+    files = {kind: getattr(args, f"{kind}_file") for kind in ENCODER_FILE_KINDS}
+    if any(files.values()):
+        missing = [f"--{kind}_file" for kind, path in files.items() if not path]
+        if missing:
+            raise ValueError(f"--vae_file, --clip_l_file and --t5_file go together; missing: {', '.join(missing)}")
+        absent = [f"--{kind}_file {path}" for kind, path in files.items() if not Path(path).is_file()]
+        if absent:
+            raise ValueError("file not found: " + ", ".join(absent))
+        if not ((teacher / "tokenizer").is_dir() and (teacher / "tokenizer_2").is_dir()):
+            raise ValueError(f"{teacher} has no tokenizer/ and tokenizer_2/ (needed with the single files)")
+        return TeacherEncoders(teacher, *(Path(files[kind]) for kind in ENCODER_FILE_KINDS))
+    encoders = TeacherEncoders(teacher)
+    if not (encoders.has_vae() and encoders.has_text_encoders()):
+        raise ValueError(f"{teacher} is not a FLUX folder with vae/, text_encoder/, text_encoder_2/, tokenizer/ and "
+                         f"tokenizer_2/ (or give --vae_file --clip_l_file --t5_file)")
+    return encoders
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained_model_name_or_path", required=True,
-                        help="FLUX folder (diffusers layout) with vae/, text_encoder/, text_encoder_2/, tokenizers")
+                        help="FLUX folder (diffusers layout) with vae/, text_encoder/, text_encoder_2/, tokenizers; "
+                             "with the single-file flags, the folder with tokenizer/ and tokenizer_2/")
+    for kind in ENCODER_FILE_KINDS:
+        parser.add_argument(f"--{kind}_file", default=None, metavar="FILE",
+                            help=FILE_HELP[kind] + "; --vae_file, --clip_l_file and --t5_file go together")
     parser.add_argument("--data_path", required=True)
     parser.add_argument("--file_list_path", default=None, help="base64 line files only")
     parser.add_argument("--output_dir", required=True)
@@ -41,14 +71,17 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def _describe(encoders: TeacherEncoders) -> str:
+    """The encoders as recorded in the cache's settings: the folder, or the three files (absolute paths)."""
+    if not encoders.single_files:
+        return str(encoders.folder.resolve())
+    return ", ".join(str(path.resolve()) for path in (encoders.vae_file, encoders.clip_l_file, encoders.t5_file))
+
+
 def main(argv=None):
     args = parse_args(argv)
-    teacher = Path(args.pretrained_model_name_or_path)
-    if not (has_vae(teacher) and has_text_encoders(teacher)):
-        print(f"error: {teacher} is not a FLUX folder with vae/, text_encoder/, text_encoder_2/, tokenizer/ and "
-              f"tokenizer_2/", file=sys.stderr)
-        return 2
     try:
+        encoders = teacher_encoders(args)
         layout = detect_path_layout(args.data_path, args.file_list_path)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -64,15 +97,14 @@ def main(argv=None):
     reader = image_reader(args.data_path, args.file_list_path, layout)
     settings = CacheSettings(data_path=str(Path(args.data_path).resolve()), layout=layout, num_records=len(reader),
                              resolution=args.resolution, max_sequence_length=args.max_sequence_length,
-                             teacher=str(teacher.resolve()), world_size=world, samples_per_shard=args.samples_per_shard,
+                             teacher=_describe(encoders), world_size=world, samples_per_shard=args.samples_per_shard,
                              batch_size=args.batch_size, dtype=args.dtype, max_bad_fraction=args.max_bad_fraction,
                              min_records=args.min_records)
     from ppdiffusers_fast.data.encoders import VaeLatentEncoder
     from ppdiffusers_fast.data.transforms import TrainTransform
-    from ppdiffusers_fast.models.flux_folder import load_vae
 
-    image_encoder = VaeLatentEncoder(load_vae(teacher))
-    text_encoder = load_text_encoder(teacher, args.max_sequence_length)
+    image_encoder = VaeLatentEncoder(encoders.vae())
+    text_encoder = encoders.text_encoder(args.max_sequence_length)
     try:
         index = build_latent_cache(reader, TrainTransform(args.resolution), image_encoder, text_encoder,
                                    args.output_dir, settings, rank, dist.barrier, not args.no_progress)

@@ -127,3 +127,41 @@ def test_other_settings_and_missing_parts_are_refused(tmp_path, encoders):
     with pytest.raises(ValueError, match="resolution: 32 -> 64"):
         build_latent_cache(reader, TrainTransform(64), image_encoder, text_encoder, tmp_path / "c2", changed,
                            progress=False)
+
+
+def test_script_with_single_files_writes_the_folder_cache(tmp_path):
+    """scripts/build_latent_cache.py with --vae_file --clip_l_file --t5_file (the folder holding only tokenizers and
+    configs) writes the same cache, bit for bit, as with the FLUX folder of the same weights; an incomplete set of
+    files is refused naming the missing flags."""
+    import runpy
+    import shutil
+
+    from ppdiffusers_fast.models import safetensors_io
+
+    main = runpy.run_path(str(Path(__file__).parents[2] / "scripts" / "build_latent_cache.py"),
+                          run_name="build_latent_cache")["main"]
+    folder, files = FIXTURES / "pipeline" / "tiny_flux", FIXTURES / "single_file"
+    tokenizers = tmp_path / "tokenizers"
+    for sub in ("tokenizer", "tokenizer_2"):
+        shutil.copytree(folder / sub, tokenizers / sub)
+    for sub in ("vae", "text_encoder", "text_encoder_2"):
+        (tokenizers / sub).mkdir()
+        shutil.copy(folder / sub / "config.json", tokenizers / sub / "config.json")
+    image_folder(tmp_path / "images", count=4)
+    common = ["--data_path", str(tmp_path / "images"), "--resolution", "32", "--max_sequence_length", "16",
+              "--batch_size", "2", "--samples_per_shard", "2", "--min_records", "4", "--max_bad_fraction", "0.5",
+              "--no_progress"]
+    single = ["--vae_file", str(files / "ae-tiny.safetensors"), "--clip_l_file", str(files / "clip_l-tiny.safetensors"),
+              "--t5_file", str(files / "t5xxl-tiny.safetensors")]
+    assert main(common + ["--pretrained_model_name_or_path", str(folder), "--output_dir", str(tmp_path / "a")]) == 0
+    assert main(common + ["--pretrained_model_name_or_path", str(tokenizers), "--output_dir",
+                          str(tmp_path / "b")] + single) == 0
+    shards = sorted(p.name for p in (tmp_path / "a").glob("shard-*.safetensors"))
+    assert shards and shards == sorted(p.name for p in (tmp_path / "b").glob("shard-*.safetensors"))
+    for name in shards:
+        a, b = safetensors_io.load_file(tmp_path / "a" / name), safetensors_io.load_file(tmp_path / "b" / name)
+        assert sorted(a) == sorted(b)
+        for key in a:
+            assert np.array_equal(a[key], b[key]), (name, key)
+    assert main(common + ["--pretrained_model_name_or_path", str(tokenizers), "--output_dir",
+                          str(tmp_path / "c")] + single[:2]) == 2
