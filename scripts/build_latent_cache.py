@@ -21,7 +21,7 @@ from pathlib import Path
 from ppdiffusers_fast.data.bad_records import TooManyBadRecordsError
 from ppdiffusers_fast.data.cache_builder import CacheSettings, build_latent_cache
 from ppdiffusers_fast.data.sources import IMAGE_LAYOUTS, TeacherEncoders, detect_path_layout, image_reader
-from ppdiffusers_fast.pipelines.model_files import FILE_HELP
+from ppdiffusers_fast.pipelines.model_files import FILE_HELP, single_files
 from ppdiffusers_fast.training import distributed as dist
 
 
@@ -30,22 +30,17 @@ ENCODER_FILE_KINDS = ("vae", "clip_l", "t5")
 
 def teacher_encoders(args) -> TeacherEncoders:
     """The VAE and text encoders the flags name (ValueError naming the flag or path when incomplete)."""
-    teacher = Path(args.pretrained_model_name_or_path)
-    files = {kind: getattr(args, f"{kind}_file") for kind in ENCODER_FILE_KINDS}
-    if any(files.values()):
-        missing = [f"--{kind}_file" for kind, path in files.items() if not path]
-        if missing:
-            raise ValueError(f"--vae_file, --clip_l_file and --t5_file go together; missing: {', '.join(missing)}")
-        absent = [f"--{kind}_file {path}" for kind, path in files.items() if not Path(path).is_file()]
-        if absent:
-            raise ValueError("file not found: " + ", ".join(absent))
-        if not ((teacher / "tokenizer").is_dir() and (teacher / "tokenizer_2").is_dir()):
-            raise ValueError(f"{teacher} has no tokenizer/ and tokenizer_2/ (needed with the single files)")
-        return TeacherEncoders(teacher, *(Path(files[kind]) for kind in ENCODER_FILE_KINDS))
-    encoders = TeacherEncoders(teacher)
+    from ppdiffusers_fast.models.flux_folder import check_flux_folder
+
+    files = single_files(args, kinds=ENCODER_FILE_KINDS)
+    if files:
+        folder = check_flux_folder(args.pretrained_model_name_or_path, require=("tokenizer", "tokenizer_2"),
+                                   need_index=False)
+        return TeacherEncoders(Path(folder), *(files[kind] for kind in ENCODER_FILE_KINDS))
+    encoders = TeacherEncoders(Path(args.pretrained_model_name_or_path))
     if not (encoders.has_vae() and encoders.has_text_encoders()):
-        raise ValueError(f"{teacher} is not a FLUX folder with vae/, text_encoder/, text_encoder_2/, tokenizer/ and "
-                         f"tokenizer_2/ (or give --vae_file --clip_l_file --t5_file)")
+        raise ValueError(f"{encoders} is not a FLUX folder with vae/, text_encoder/, text_encoder_2/, tokenizer/ "
+                         f"and tokenizer_2/ (or give --vae_file --clip_l_file --t5_file)")
     return encoders
 
 

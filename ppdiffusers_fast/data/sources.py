@@ -91,25 +91,18 @@ class TeacherEncoders:
         """``data.encoders.FluxTextEncoder`` (CLIP pooled + T5 sequence)."""
         if not self.single_files:
             return load_text_encoder(self.folder, max_sequence_length, dtype)
-        from ..models import single_file
-        from ..models.flux_folder import load_tokenizers
+        from ..models.flux_folder import load_single_file_text_encoders, load_tokenizers
         from .encoders import FluxTextEncoder
 
-        configs = single_file.component_configs(self.folder)
         clip_tokenizer, t5_tokenizer = load_tokenizers(self.folder)
-        return FluxTextEncoder(clip_tokenizer, single_file.load_clip_l(self.clip_l_file, dtype, configs["clip_l"]),
-                               t5_tokenizer, single_file.load_t5(self.t5_file, dtype, configs["t5"]),
-                               max_sequence_length)
+        clip_model, t5_model = load_single_file_text_encoders(self.clip_l_file, self.t5_file, self.folder, dtype)
+        return FluxTextEncoder(clip_tokenizer, clip_model, t5_tokenizer, t5_model, max_sequence_length)
 
     def vae(self):
         """The float32 ``AutoencoderKL``."""
-        if not self.single_files:
-            from ..models.flux_folder import load_vae
+        from ..models.flux_folder import load_single_file_vae, load_vae
 
-            return load_vae(self.folder)
-        from ..models import single_file
-
-        return single_file.load_bfl_vae(self.vae_file, "float32", single_file.component_configs(self.folder)["vae"])
+        return load_single_file_vae(self.vae_file, self.folder) if self.single_files else load_vae(self.folder)
 
     def __str__(self) -> str:
         if self.single_files:

@@ -19,7 +19,7 @@ weights are transposed to Paddle's ``[in, out]``, and every key and shape is che
 import inspect
 import json
 from pathlib import Path
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 from .. import compat
 from .weights import build_uninitialised, finish_loading, load_weights_into, normalize_dtype
@@ -141,6 +141,32 @@ def read_scheduler_config(folder: Union[str, Path], guidance_embeds: bool = True
 
 
 # ---------------------------------------------------------------------------------------------- single files
+def load_single_file_transformer(transformer: Union[str, Path], folder: Optional[Union[str, Path]],
+                                 dtype: str = "float32"):
+    """The FLUX transformer from a Black Forest Labs / ComfyUI file (its config from ``folder``'s
+    ``transformer/config.json`` when present, else from the keys), in ``dtype``."""
+    from . import single_file
+
+    return single_file.load_bfl_transformer(transformer, dtype, single_file.component_configs(folder)["transformer"])
+
+
+def load_single_file_vae(vae: Union[str, Path], folder: Optional[Union[str, Path]]):
+    """The float32 ``AutoencoderKL`` from ``ae.safetensors`` (its config from ``folder``'s ``vae/`` when present)."""
+    from . import single_file
+
+    return single_file.load_bfl_vae(vae, "float32", single_file.component_configs(folder)["vae"])
+
+
+def load_single_file_text_encoders(clip_l: Union[str, Path], t5: Union[str, Path],
+                                   folder: Optional[Union[str, Path]], dtype: str = "float32"):
+    """``(CLIPTextModel, T5EncoderModel)`` from ``clip_l.safetensors`` / ``t5xxl_*.safetensors`` (configs from
+    ``folder``'s ``text_encoder/`` and ``text_encoder_2/`` when present), in ``dtype``."""
+    from . import single_file
+
+    configs = single_file.component_configs(folder)
+    return single_file.load_clip_l(clip_l, dtype, configs["clip_l"]), single_file.load_t5(t5, dtype, configs["t5"])
+
+
 def load_single_file_components(transformer: Union[str, Path], vae: Union[str, Path], clip_l: Union[str, Path],
                                 t5: Union[str, Path], tokenizers: Union[str, Path], dtype: str = "float32") -> dict:
     """Every pipeline component from single files (Black Forest Labs / ComfyUI layouts, fp8 upcast).
@@ -154,19 +180,15 @@ def load_single_file_components(transformer: Union[str, Path], vae: Union[str, P
         the models and tokenizers as keyword arguments of ``FluxPipeline``, and ``scheduler_config``. The VAE
         stays float32; the rest take ``dtype``.
     """
-    from . import single_file
-
     named = {"transformer": transformer, "vae": vae, "clip_l": clip_l, "t5": t5}
     absent = [f"{kind}={path}" for kind, path in named.items() if not Path(path).is_file()]
     check_flux_folder(tokenizers, require=("tokenizer", "tokenizer_2"), need_index=False)
     if absent:
         raise FluxFolderError("single files not found: " + ", ".join(absent))
-    configs = single_file.component_configs(tokenizers)
     dtype = normalize_dtype(dtype)
-    model = single_file.load_bfl_transformer(transformer, dtype, configs["transformer"])
+    model = load_single_file_transformer(transformer, tokenizers, dtype)
     tokenizer, tokenizer_2 = load_tokenizers(tokenizers)
-    return {"transformer": model, "vae": single_file.load_bfl_vae(vae, "float32", configs["vae"]),
-            "text_encoder": single_file.load_clip_l(clip_l, dtype, configs["clip_l"]),
-            "text_encoder_2": single_file.load_t5(t5, dtype, configs["t5"]), "tokenizer": tokenizer,
-            "tokenizer_2": tokenizer_2,
+    text_encoder, text_encoder_2 = load_single_file_text_encoders(clip_l, t5, tokenizers, dtype)
+    return {"transformer": model, "vae": load_single_file_vae(vae, tokenizers), "text_encoder": text_encoder,
+            "text_encoder_2": text_encoder_2, "tokenizer": tokenizer, "tokenizer_2": tokenizer_2,
             "scheduler_config": read_scheduler_config(tokenizers, bool(model.config.guidance_embeds))}

@@ -9,7 +9,7 @@ transformer file as ``--pretrained_teacher_model`` (latent data).
 """
 import argparse
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 FILE_FLAGS = {"transformer": "--transformer_file", "vae": "--vae_file", "clip_l": "--clip_l_file",
               "t5": "--t5_file"}
@@ -27,17 +27,20 @@ def add_model_file_args(parser) -> None:
                                                "--pretrained_model_name_or_path giving the tokenizers' folder")
 
 
-def single_files(args, folder_flag: str = "--pretrained_model_name_or_path") -> Optional[Dict[str, Path]]:
-    """``{kind: path}`` when single files are given (all four, each existing), None when none is; else ValueError.
+def single_files(args, folder_flag: str = "--pretrained_model_name_or_path",
+                 kinds: Sequence[str] = tuple(FILE_FLAGS)) -> Optional[Dict[str, Path]]:
+    """``{kind: path}`` when single files are given (all of ``kinds``, each existing), None when none is; else
+    ValueError naming the missing flags or absent files.
 
     ``args``: anything with the flags as attributes (an argparse namespace, training's ``ModelConfig``);
-    ``folder_flag``: the flag that names the tokenizers' folder."""
-    given = {kind: getattr(args, flag[2:], None) for kind, flag in FILE_FLAGS.items()}
+    ``folder_flag``: the flag that names the tokenizers' folder; ``kinds``: the files that go together (the latent
+    cache needs no transformer)."""
+    given = {kind: getattr(args, FILE_FLAGS[kind][2:], None) for kind in kinds}
     if not any(given.values()):
         return None
     missing = [FILE_FLAGS[kind] for kind, path in given.items() if not path]
     if missing:
-        raise ValueError(f"single-file loading needs all of {', '.join(FILE_FLAGS.values())}; "
+        raise ValueError(f"single-file loading needs all of {', '.join(FILE_FLAGS[kind] for kind in kinds)}; "
                          f"missing: {', '.join(missing)}")
     absent = [f"{FILE_FLAGS[kind]} {path}" for kind, path in given.items() if not Path(path).is_file()]
     if absent:

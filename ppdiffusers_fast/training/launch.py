@@ -22,7 +22,7 @@ from ..data.sources import (TeacherEncoders, build_training_data, detect_layout,
                             unconditional_condition)
 from ..methods.denoiser import FluxDenoiser
 from ..methods.registry import build_method
-from ..models.flux_folder import check_flux_folder
+from ..models.flux_folder import check_flux_folder, load_single_file_transformer
 from ..models.weights import load_flux_transformer
 from ..pipelines.model_files import single_files
 from . import checkpoint as ckpt
@@ -77,10 +77,7 @@ def check_inputs(config: TrainConfig) -> Tuple[Path, TeacherEncoders]:
 def _load_teacher(transformer: Path, encoders: TeacherEncoders, dtype: str):
     """The frozen teacher transformer; from single files, with the config the tokenizers' folder offers."""
     if encoders.single_files:
-        from ..models import single_file
-
-        return single_file.load_bfl_transformer(transformer, dtype,
-                                                single_file.component_configs(encoders.folder)["transformer"])
+        return load_single_file_transformer(transformer, encoders.folder, dtype)
     return load_flux_transformer(transformer, dtype=dtype)
 
 
