@@ -18,22 +18,16 @@ import paddle
 import paddle.nn as nn
 from paddle.distributed.fleet.utils import recompute
 
-from .. import compat
-
-compat.apply()  # before ppdiffusers is first imported
-from ppdiffusers.configuration_utils import ConfigMixin, register_to_config  # noqa: E402
-from ppdiffusers.models.modeling_utils import ModelMixin  # noqa: E402
-from ppdiffusers.utils import BaseOutput  # noqa: E402
-
 from .flux_embeddings import TimeTextEmbedding, rope_rotations, rope_cos_sin
 from .flux_layers import AdaLayerNormContinuous, FluxSingleTransformerBlock, FluxTransformerBlock, count_parameters
+from .model_config import ConfigMixin, ModelOutput, register_to_config
 from .ops import Linear, dense_results
 
 __all__ = ["FluxTransformer2DModel", "FluxTransformerOutput", "count_parameters"]
 
 
 @dataclass
-class FluxTransformerOutput(BaseOutput):
+class FluxTransformerOutput(ModelOutput):
     """sample: ``[B, L_img, out_channels]``; block_features: None or ``num_layers + num_single_layers`` tensors
     ``[B, L_img, C]`` (image tokens after each double block, then after each single block)."""
 
@@ -41,7 +35,7 @@ class FluxTransformerOutput(BaseOutput):
     block_features: Optional[List[paddle.Tensor]] = None
 
 
-class FluxTransformer2DModel(ModelMixin, ConfigMixin):
+class FluxTransformer2DModel(nn.Layer, ConfigMixin):
     """The FLUX.1 transformer. Defaults are FLUX.1-dev's (19 double + 38 single blocks, 24 heads x 128)."""
 
     _supports_gradient_checkpointing = True

@@ -12,7 +12,9 @@ missing, unexpected and mis-shaped key. Then each shard is mapped once (``safete
 and each tensor is transposed and cast at most once, in Paddle, into a buffer that becomes the parameter
 (parameters are created without storage under ``paddle.LazyGuard``): one tensor's temporaries at a time.
 """
+import contextlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -303,13 +305,21 @@ def load_weights_into(model: paddle.nn.Layer, folder_or_file: Union[str, Path],
 
 
 def build_uninitialised(build, dtype: str):
-    """Call ``build()`` with ``dtype`` as default and no storage or initialisation (weights are loaded next)."""
-    from paddlenlp.transformers.model_utils import no_init_weights
+    """Call ``build()`` with ``dtype`` as default and no storage or initialisation (weights are loaded next).
 
+    paddlenlp's ``no_init_weights`` (which skips its models' ``init_weights``) is entered only when paddlenlp is
+    already imported: the class ``build`` instantiates is imported before this call, so a paddlenlp model implies
+    paddlenlp, and the FLUX transformer alone never pays for importing it.
+    """
     previous = paddle.get_default_dtype()
     paddle.set_default_dtype(normalize_dtype(dtype))
+    skip_paddlenlp_init = contextlib.nullcontext()
+    if "paddlenlp" in sys.modules:
+        from paddlenlp.transformers.model_utils import no_init_weights
+
+        skip_paddlenlp_init = no_init_weights()
     try:
-        with paddle.LazyGuard(), no_init_weights():
+        with paddle.LazyGuard(), skip_paddlenlp_init:
             model = build()
     finally:
         paddle.set_default_dtype(previous)
