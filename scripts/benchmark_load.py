@@ -12,6 +12,12 @@ same file (bf16 widened exactly, transposed, cast by Paddle), i.e. the values th
 
     python scripts/benchmark_load.py                        # the 1.31 B model (2 double + 4 single blocks, 2.6 GB)
     python scripts/benchmark_load.py --num_layers 1 --num_single_layers 1 --rounds 2   # quick, ~0.5 B
+    python scripts/benchmark_load.py --single_op            # where the float32 load's time goes, one weight
+
+``--single_op`` times, in this process (one thread), the conversions of one FLUX-size Linear weight
+(``[12288, 3072]`` bf16, PyTorch's ``[out, in]``) into a float32 Paddle parameter ``[in, out]``: the cast alone
+(all diffusers does), the loader's transposed cast (``models.weights._convert``), and the other orders Paddle and
+numpy offer, with the minimum of 5 runs each.
 """
 import argparse
 import json
@@ -123,6 +129,53 @@ def check_exact(folder: Path, dtype: str) -> None:
     print(f"check_exact {dtype}: all {len(params)} tensors bit-exact")
 
 
+def single_op_table(runs: int = 5) -> None:
+    """Print the milliseconds of each way to turn one bf16 ``[out, in]`` weight into a float32 ``[in, out]`` one."""
+    import time
+
+    import paddle
+
+    from ppdiffusers_fast.models.weights import _convert
+
+    paddle.set_device("cpu")
+    paddle.seed(0)
+    stored = paddle.randn([12288, 3072]).astype("bfloat16")
+
+    def dense_transpose_after_cast():
+        paddle.set_flags({"FLAGS_use_stride_kernel": False})
+        try:
+            return paddle.transpose(stored.astype("float32"), [1, 0])
+        finally:
+            paddle.set_flags({"FLAGS_use_stride_kernel": True})
+
+    def numpy_blocked_after_cast(block=512):
+        widened = stored.astype("float32").numpy()
+        out = np.empty(widened.shape[::-1], np.float32)
+        for i in range(0, widened.shape[0], block):
+            for j in range(0, widened.shape[1], block):
+                out[j:j + block, i:i + block] = widened[i:i + block, j:j + block].T
+        return paddle.to_tensor(out)
+
+    ways = [("cast only, no transpose (diffusers' work)", lambda: stored.astype("float32")),
+            ("the loader: transposed view cast in one pass", lambda: _convert(stored, True, paddle.float32, True)),
+            ("cast, then transpose + contiguous copy",
+             lambda: paddle.transpose(stored.astype("float32"), [1, 0]).contiguous()),
+            ("cast, then Paddle's dense transpose kernel", dense_transpose_after_cast),
+            ("cast, then numpy blocked transpose (512 x 512)", numpy_blocked_after_cast)]
+    expected = ways[1][1]()
+    print("| conversion of one [12288, 3072] bf16 weight to float32 | ms (min of %d) |" % runs)
+    print("|---|---:|")
+    for name, way in ways:
+        seconds = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            result = way()
+            seconds.append(time.perf_counter() - start)
+        if name != ways[0][0] and not bool(paddle.equal_all(result, expected)):
+            raise AssertionError(f"{name}: values differ from the loader's")
+        print(f"| {name} | {min(seconds) * 1000:.0f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", default="/tmp/flux_load_benchmark/transformer")
@@ -137,7 +190,12 @@ def main():
     parser.add_argument("--baseline_ref", default=None,
                         help="also time this git revision's loader (e.g. a commit before the change)")
     parser.add_argument("--keep", action="store_true", help="keep the written model (deleted by default)")
+    parser.add_argument("--single_op", action="store_true",
+                        help="only time the conversions of one FLUX-size weight (no model written)")
     args = parser.parse_args()
+    if args.single_op:
+        single_op_table()
+        return
 
     folder = Path(args.folder)
     config = {"patch_size": 1, "in_channels": 64, "out_channels": None, "num_layers": args.num_layers,
