@@ -10,6 +10,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ppdiffusers_fast.command_line import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # before paddle is imported; --verbose keeps the third-party warnings
 from demo.quick_start import main  # noqa: E402  (the demo package sits next to this file)
 
 if __name__ == "__main__":
