@@ -54,6 +54,8 @@ class DistributionMatchingConfig:
                                "(student for flux_lightning, adapter for dmd2)", choices=list(FAKE_SCORES))
     dmd_fake_score_updates: int = flag(5, "fake-score updates per generator update (with --dmd_fake_score adapter)")
     dmd_fake_score_lr: Optional[float] = flag(None, "learning rate of the fake-score adapter (None: --learning_rate)")
+    dmd_fake_score_rank: Optional[int] = flag(None, "LoRA rank of the fake-score adapter (None: --lora_rank); its "
+                                              "scale alpha / rank stays --lora_alpha / --lora_rank")
     dmd_guidance_scale: Optional[float] = flag(None, "teacher guidance of the real score (None: --guidance_scale)")
     dmd_placement: str = flag("student_x0", "flux_lightning: where DMD acts: phase_end (the student's phase-end "
                               "prediction at its level, re-noised with the exact kernel, as the reference) or "
@@ -68,6 +70,8 @@ class DistributionMatchingConfig:
             raise ValueError(f"--dmd_fake_score_updates must be >= 1, got {self.dmd_fake_score_updates}")
         if self.dmd_fake_score_lr is not None and not self.dmd_fake_score_lr > 0:
             raise ValueError(f"--dmd_fake_score_lr must be positive, got {self.dmd_fake_score_lr}")
+        if self.dmd_fake_score_rank is not None and not self.dmd_fake_score_rank >= 1:
+            raise ValueError(f"--dmd_fake_score_rank must be a positive integer, got {self.dmd_fake_score_rank}")
         if self.dmd_placement not in DMD_PLACEMENTS:
             raise ValueError(f"--dmd_placement must be one of {DMD_PLACEMENTS}, got {self.dmd_placement!r}")
         if self.dmd_placement == "phase_end" and self.dmd_fake_score == "adapter":
@@ -101,6 +105,13 @@ def dmd_loss_at_level(x_gen, x_s, s, level, v_real, v_fake):
     return dmd_loss(x_gen, x_real, x_fake), x_real, x_fake
 
 
+def fake_score_lora(student: LoraConfig, rank: Optional[int]) -> LoraConfig:
+    """The fake-score adapter's shape: the student's, with ``rank`` (if given) at the same scale alpha / rank."""
+    if rank is None or rank == student.rank:
+        return student
+    return replace(student, rank=int(rank), alpha=student.alpha * rank / student.rank)
+
+
 @dataclass
 class DMDOutput:
     """One distribution matching evaluation.
@@ -128,10 +139,13 @@ class DistributionMatching:
         guidance_mode: ``"embedded"`` or ``"cfg"`` (``denoiser.resolve_guidance_mode``).
         unconditional: the empty prompt's condition (CFG teachers).
         lora_config: shape of the fake-score adapter (required for ``dmd_fake_score="adapter"``).
+        fake_scores: number of fake-score adapters (``adapter`` only): DMD2's per-step fake scores, one for the
+            samples of each generator step (``fake_score``, ``fake_score_1``, ...; index ``k`` in the losses).
     """
 
     def __init__(self, denoiser, config: DistributionMatchingConfig, student_adapter: str, guidance_scale: float,
-                 guidance_mode: str, unconditional=None, lora_config: Optional[LoraConfig] = None):
+                 guidance_mode: str, unconditional=None, lora_config: Optional[LoraConfig] = None,
+                 fake_scores: int = 1):
         config.validate()
         if config.dmd_fake_score == "auto":
             raise ValueError("resolve dmd_fake_score 'auto' first (DistributionMatchingConfig.with_default_fake_score)")
@@ -141,20 +155,31 @@ class DistributionMatching:
         self.real_guidance_scale = guidance_scale if config.dmd_guidance_scale is None else config.dmd_guidance_scale
         self.guidance_mode = guidance_mode
         self.unconditional = unconditional
+        if fake_scores < 1 or (fake_scores > 1 and not config.trains_fake_score):
+            raise ValueError(f"{fake_scores} fake scores: more than one needs --dmd_fake_score adapter")
+        self.fake_scores = fake_scores
         if config.trains_fake_score:
             if lora_config is None:
                 raise ValueError("--dmd_fake_score adapter needs a LoraConfig for the fake-score adapter")
-            inject_trainable_lora(denoiser.transformer, lora_config, FAKE_SCORE_ADAPTER)
+            for index in range(fake_scores):
+                inject_trainable_lora(denoiser.transformer,
+                                      fake_score_lora(lora_config, config.dmd_fake_score_rank),
+                                      self.fake_score_adapter(index))
 
-    @property
-    def fake_score_adapter(self) -> str:
-        return FAKE_SCORE_ADAPTER if self.config.trains_fake_score else self.student_adapter
+    def fake_score_adapter(self, index: int = 0) -> str:
+        """Adapter name of fake score ``index`` (the student's own adapter for ``--dmd_fake_score student``)."""
+        if not 0 <= index < self.fake_scores:
+            raise ValueError(f"fake score {index} of {self.fake_scores}")
+        if not self.config.trains_fake_score:
+            return self.student_adapter
+        return FAKE_SCORE_ADAPTER if index == 0 else f"{FAKE_SCORE_ADAPTER}_{index}"
 
     def trainable_parameters(self) -> List[paddle.Tensor]:
-        """The fake-score adapter's parameters (the "fake_score" group); empty for the student fake score."""
+        """The fake-score adapters' parameters (the "fake_score" group); empty for the student fake score."""
         if not self.config.trains_fake_score:
             return []
-        return adapter_parameters(self.denoiser.transformer, FAKE_SCORE_ADAPTER)
+        return [p for index in range(self.fake_scores)
+                for p in adapter_parameters(self.denoiser.transformer, self.fake_score_adapter(index))]
 
     def optimizer_overrides(self) -> dict:
         lr = self.config.dmd_fake_score_lr
@@ -177,7 +202,7 @@ class DistributionMatching:
         return paddle.gather(grid, schedules.draw_grid_index(low, max(n - 1, 0), lower.shape[0]))
 
     def generator_loss(self, x_gen, cond, fake_cond, s, noise: Optional[paddle.Tensor] = None,
-                       level=None) -> DMDOutput:
+                       level=None, fake_index: int = 0) -> DMDOutput:
         """``L_dmd`` on the generator's samples (clean, or at ``level``; see the module docstring).
 
         Args:
@@ -187,6 +212,7 @@ class DistributionMatching:
             s: ``[B]`` levels (:meth:`draw_levels`, or :meth:`draw_levels_above` for a noisy sample), ``s >= level``.
             noise: ``[B, L, C]`` (drawn when None).
             level: ``[B]`` (or float) level of ``x_gen``; None: 0 (clean).
+            fake_index: which fake score judges these samples.
         Returns:
             :class:`DMDOutput` whose ``x0_real`` / ``x0_fake`` are the predictions taken to ``level``.
         """
@@ -201,19 +227,21 @@ class DistributionMatching:
                 x_s = schedules.renoise(sample, level, s, noise)
             v_real = teacher_velocity(self.denoiser, x_s, s, cond, self.real_guidance_scale, self.guidance_mode,
                                       self.unconditional)
-            with use_adapters(self.denoiser.transformer, self.fake_score_adapter):
+            with use_adapters(self.denoiser.transformer, self.fake_score_adapter(fake_index)):
                 v_fake = self.denoiser(x_s, s, fake_cond)
         loss, x_real, x_fake = dmd_loss_at_level(x_gen, x_s, s, level, v_real, v_fake)
         return DMDOutput(loss, s, x_s, x_real, x_fake)
 
-    def fake_score_loss(self, x0_hat, fake_cond, s, noise: Optional[paddle.Tensor] = None) -> paddle.Tensor:
-        """Flow-matching loss of the fake-score adapter on ``stopgrad(x0_hat)`` at levels ``s`` (0-d float32)."""
+    def fake_score_loss(self, x0_hat, fake_cond, s, noise: Optional[paddle.Tensor] = None,
+                        fake_index: int = 0) -> paddle.Tensor:
+        """Flow-matching loss of fake-score adapter ``fake_index`` on ``stopgrad(x0_hat)`` at levels ``s`` (0-d
+        float32)."""
         if not self.config.trains_fake_score:
             raise RuntimeError("the student is the fake score (--dmd_fake_score student): it has no loss of its own")
         x0 = x0_hat.detach().astype("float32")
         if noise is None:
             noise = paddle.randn(x0.shape, dtype="float32")
         x_s = schedules.add_noise(x0, noise, s)
-        with use_adapters(self.denoiser.transformer, FAKE_SCORE_ADAPTER):
+        with use_adapters(self.denoiser.transformer, self.fake_score_adapter(fake_index)):
             v_fake = self.denoiser(x_s, s, fake_cond)
         return flow_matching_loss(v_fake, x0, noise)

@@ -2,12 +2,20 @@
 Distillation for Fast Image Synthesis"; ALGORITHMS.md, "Distribution matching").
 
 The student LoRA is a K-step generator on the phase-edge levels ``t_0 = 1 > t_1 > ... > t_K = 0`` of the
-batch's resolution (``schedules.phase_sigmas``), sampled exactly as the inference entry point samples it:
-Euler jumps ``x_{t_{k+1}} = x_{t_k} + (t_{k+1} - t_k) v``. One step:
+batch's resolution (``schedules.phase_sigmas``), sampled exactly as the inference entry point samples it, by one
+of two rules between its steps (``--dmd2_sampler``; written into the LoRA's sampling metadata):
+
+- ``euler``: deterministic jumps ``x_{t_{k+1}} = x_{t_k} + (t_{k+1} - t_k) v``;
+- ``renoise`` (DMD2, section 4.5): the clean prediction ``x0_hat_k = x_{t_k} - t_k v`` re-noised with fresh
+  noise, ``x_{t_{k+1}} = (1 - t_{k+1}) x0_hat_k + t_{k+1} eps'``. If the generator's ``x0_hat_k`` follows the
+  data distribution, its next input follows the forward process's marginal at ``t_{k+1}``, the input the base
+  model was trained on; with Euler jumps the next input keeps the noise implied by ``x_{t_k}``.
+
+One step:
 
 1. draw a generator step ``k ~ U{0..K-1}`` (one per batch) and build its input ``x_{t_k}``: by backward
-   simulation (DMD2, section 4.5: the student's own k first jumps from pure noise, no graph; default) or by
-   noising the data (``--no_dmd2_backward_simulation``);
+   simulation (DMD2, section 4.5: the student's own k first steps from pure noise by the sampling rule, no
+   graph; default) or by noising the data (``--no_dmd2_backward_simulation``);
 2. the student's clean sample ``x0_hat = x_{t_k} - t_k v_theta(x_{t_k}, t_k)`` (graph on generator steps);
 3. generator: ``L_dmd(x0_hat)`` with the fake-score adapter + ``dmd2_gan_weight * L_G`` on the block heads;
 4. fake score ("fake_score" adapter): ``mse(v_fake(x_s, s), eps - stopgrad(x0_hat))``, every step;
@@ -25,7 +33,7 @@ import paddle
 from .. import schedules
 from ..config_fields import flag
 from ..models.lora import LoraConfig, adapter_parameters, inject_trainable_lora, use_adapters
-from ..schedulers.samplers import sample_euler
+from ..schedulers.samplers import SAMPLERS, few_step_sampler
 from .adversarial import AdversarialConfig, AdversarialLearning, latent_grid_hw
 from .base import STUDENT, DistillationMethod, FewStepSchedule, LatentBatch, StepResult, export_student
 from .denoiser import FluxCondition, FluxDenoiser, check_unconditional, resolve_guidance_mode, student_condition
@@ -41,10 +49,17 @@ class DMD2Config:
     dmd2_gan_weight: float = flag(5e-3, "weight of the GAN generator loss next to the DMD loss (dmd2; 0 = no GAN)")
     dmd2_backward_simulation: bool = flag(True, "build the generator's input at step k by running its own first k "
                                           "steps from noise (DMD2); off: noise the training latents")
+    dmd2_sampler: str = flag("euler", "rule between the generator's steps, in training and sampling: euler "
+                             "(deterministic jumps) or renoise (its x0 prediction re-noised to the next level with "
+                             "fresh noise, DMD2 section 4.5)", choices=list(SAMPLERS))
+    dmd2_fake_score_per_step: bool = flag(False, "one fake-score adapter per generator step k, trained on and "
+                                          "judging that step's samples only (K adapters)")
 
     def validate(self) -> None:
         if not self.dmd2_gan_weight >= 0:
             raise ValueError(f"--dmd2_gan_weight must be >= 0, got {self.dmd2_gan_weight}")
+        if self.dmd2_sampler not in SAMPLERS:
+            raise ValueError(f"--dmd2_sampler must be one of {SAMPLERS}, got {self.dmd2_sampler!r}")
 
 
 def _refuse_flux_lightning_settings(adversarial: AdversarialConfig, dmd: DistributionMatchingConfig) -> None:
@@ -57,6 +72,17 @@ def _refuse_flux_lightning_settings(adversarial: AdversarialConfig, dmd: Distrib
     if given:
         raise ValueError(f"dmd2 does not use {', '.join(given)} (flux_lightning settings): its generator loss is "
                          f"L_dmd + --dmd2_gan_weight * L_G, and the heads update at every step")
+
+
+def generator_diagnostics(x0_hat, x0, out) -> Dict[str, float]:
+    """Logged scalars of one generator update: the spread of the generator's samples against the data's
+    (``x0_hat_std / data_std``, per-element std over the batch), and the size of the DMD direction,
+    ``mean|x0_fake - x0_real|`` (the score gap before normalisation) relative to ``mean|x0_hat - x0_real|``."""
+    x0_hat = x0_hat.detach().astype("float32")
+    gap = paddle.mean(paddle.abs(out.x0_fake - out.x0_real))
+    scale = paddle.mean(paddle.abs(x0_hat - out.x0_real))
+    return {"x0_hat_std": float(x0_hat.std()), "data_std": float(x0.std()), "x0_hat_mean": float(x0_hat.mean()),
+            "dmd_gap": float(gap), "dmd_gap_relative": float(gap / (scale + 1e-8))}
 
 
 class DMD2(DistillationMethod):
@@ -95,7 +121,8 @@ class DMD2(DistillationMethod):
         inject_trainable_lora(denoiser.transformer, lora_config, STUDENT)
         self.dmd_config = dmd
         self.dmd = DistributionMatching(denoiser, dmd, STUDENT, schedule.guidance_scale, self.guidance_mode,
-                                        unconditional, lora_config)
+                                        unconditional, lora_config,
+                                        schedule.multiphase if config.dmd2_fake_score_per_step else 1)
         self.adversarial = None
         if config.dmd2_gan_weight > 0:
             self.adversarial = AdversarialLearning(denoiser, adversarial)
@@ -139,15 +166,21 @@ class DMD2(DistillationMethod):
         with use_adapters(self.denoiser.transformer, STUDENT):
             return self.denoiser(x, level, cond).astype("float32"), level
 
+    def sampler(self):
+        """The generator's sampling loop (``--dmd2_sampler``), with fresh ``paddle.randn`` noise for re-noising."""
+        return few_step_sampler({"sampler": self.config.dmd2_sampler},
+                                lambda i, shape: paddle.randn(shape, dtype="float32"))
+
     def generator_input(self, x0, k: int, levels: List[float], cond: FluxCondition):
-        """``x_{t_k}`` ([B, L, C], no graph): k student jumps from pure noise, or the data noised to ``t_k``."""
+        """``x_{t_k}`` ([B, L, C], no graph): the student's k first steps from pure noise by its sampling rule,
+        or the data noised to ``t_k``."""
         noise = paddle.randn(x0.shape, dtype="float32")
         if not self.config.dmd2_backward_simulation:
             return schedules.add_noise(x0, noise, levels[k])
         if k == 0:
             return noise
         with paddle.no_grad():
-            return sample_euler(lambda x, s: self._student_velocity(x, s, cond)[0], noise, levels[:k + 1])
+            return self.sampler()(lambda x, s: self._student_velocity(x, s, cond)[0], noise, levels[:k + 1])
 
     def train_step(self, batch: LatentBatch, step: int) -> List[StepResult]:
         groups = self.update_schedule(step)
@@ -162,14 +195,18 @@ class DMD2(DistillationMethod):
             velocity, level = self._student_velocity(x_k, levels[k], student_cond)
             x0_hat = schedules.x0_from_velocity(x_k, level, velocity)
         grid = self.schedule.solver_grid(num_tokens)
+        fake_index = k if self.config.dmd2_fake_score_per_step else 0
 
         results: List[StepResult] = []
         losses: Dict[str, paddle.Tensor] = {}
         metrics = {"generator_step_index": float(k)}
         if generator:
-            out = self.dmd.generator_loss(x0_hat, batch.cond, student_cond, self.dmd.draw_levels(grid, bsz))
+            out = self.dmd.generator_loss(x0_hat, batch.cond, student_cond, self.dmd.draw_levels(grid, bsz),
+                                          fake_index=fake_index)
             losses["dmd"] = out.loss
-        fake_loss = self.dmd.fake_score_loss(x0_hat, student_cond, self.dmd.draw_levels(grid, bsz))
+            metrics.update(generator_diagnostics(x0_hat, x0, out))
+        fake_loss = self.dmd.fake_score_loss(x0_hat, student_cond, self.dmd.draw_levels(grid, bsz),
+                                             fake_index=fake_index)
         results.append(StepResult({"fake_score": fake_loss}, "fake_score"))
         if self.adversarial is not None:
             r = paddle.gather(grid, schedules.draw_grid_index(0, self.schedule.num_euler_timesteps - 1, bsz))
@@ -192,11 +229,11 @@ class DMD2(DistillationMethod):
         """K-step student sample from ``noise [B, L, C]``, as the inference entry point samples it."""
         sigmas = self.generator_levels(noise.shape[1]) if sigmas is None else sigmas
         student_cond = self.student_condition(cond)
-        return sample_euler(lambda x, s: self._student_velocity(x, s, student_cond)[0], noise, sigmas)
+        return self.sampler()(lambda x, s: self._student_velocity(x, s, student_cond)[0], noise, sigmas)
 
     def sampling_metadata(self) -> dict:
-        """Settings the inference entry point needs (K Euler jumps between the phase edges)."""
-        return self.schedule.sampling_metadata()
+        """Settings the inference entry point needs: the K phase edges and the rule between them (``sampler``)."""
+        return {**self.schedule.sampling_metadata(), "sampler": self.config.dmd2_sampler}
 
     def export(self, output_dir: str) -> Optional[str]:
         """Write the student LoRA with its sampling metadata to ``output_dir/dmd2_lora.safetensors``."""

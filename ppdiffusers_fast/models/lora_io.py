@@ -4,7 +4,8 @@ Our format (:func:`save_lora` / :func:`load_lora`): safetensors with ``<module>.
 ``<module>.lora_B [rank, out]`` in Paddle layout, exactly as held by the model, and string metadata
 ``lora_format="ppdiffusers_fast"``, ``rank``, ``alpha``, ``dropout``, ``target_modules`` (JSON list of module names),
 ``rank_pattern`` / ``alpha_pattern`` (JSON ``{module: value}`` for modules that differ) and ``sampling`` (JSON dict of
-the few-step sampling settings: num_inference_steps, multiphase, num_euler_timesteps, guidance_scale, lora_scale).
+the few-step sampling settings: num_inference_steps, multiphase, num_euler_timesteps, guidance_scale, lora_scale,
+and, for a student that re-noises its x0 predictions between steps, sampler = "renoise").
 
 diffusers layout (:func:`export_diffusers_lora`): ``transformer.<module>.lora_A.weight [rank, in]`` and
 ``transformer.<module>.lora_B.weight [out, rank]`` (PyTorch orientation). diffusers has no alpha key for FLUX
@@ -72,7 +73,7 @@ from .lora import LoraAdapter, adapter_modules, adapter_names, check_adapter_nam
 from .safetensors_io import open_file, read_header, save_file
 
 FORMAT = "ppdiffusers_fast"
-SAMPLING_KEYS = ("num_inference_steps", "multiphase", "num_euler_timesteps", "guidance_scale", "lora_scale")
+SAMPLING_KEYS = ("num_inference_steps", "multiphase", "num_euler_timesteps", "guidance_scale", "lora_scale", "sampler")
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 
 

@@ -12,8 +12,8 @@ from typing import List, Sequence, Union
 import numpy as np
 import paddle
 
-__all__ = ["pack_latents", "unpack_latents", "latent_image_ids", "text_ids", "seeded_noise", "resolve_seeds",
-           "decode_latents"]
+__all__ = ["pack_latents", "unpack_latents", "latent_image_ids", "text_ids", "seeded_noise", "seeded_step_noise",
+           "resolve_seeds", "decode_latents"]
 
 
 def _check_even(value, name):
@@ -88,6 +88,20 @@ def seeded_noise(seeds: Sequence[int], shape: Sequence[int], dtype: str = "float
     device and for every batch composition.
     """
     draws = [np.random.default_rng(int(s)).standard_normal(list(shape), dtype=np.float32) for s in seeds]
+    return paddle.to_tensor(np.stack(draws)).astype(dtype)
+
+
+def seeded_step_noise(seeds: Sequence[int], step: int, shape: Sequence[int], dtype: str = "float32") -> paddle.Tensor:
+    """The fresh noise ``[len(seeds), *shape]`` a re-noising sampler adds after step ``step`` (0-based).
+
+    Image ``i`` draws from numpy's PCG64 seeded with the pair ``(seeds[i], step + 1)``: independent of the start
+    noise (:func:`seeded_noise`, seeded with ``seeds[i]`` alone) and of the other steps, and the same for every
+    batch composition.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    draws = [np.random.default_rng([int(s), int(step) + 1]).standard_normal(list(shape), dtype=np.float32)
+             for s in seeds]
     return paddle.to_tensor(np.stack(draws)).astype(dtype)
 
 

@@ -10,7 +10,9 @@ Steps of :meth:`FluxPipeline.__call__` (B = prompts x images per prompt):
    ``linspace(1, 1/n, n)`` shifted by ``mu(image tokens)`` (``FlowMatchEulerDiscreteScheduler``);
 5. Euler steps ``x <- x + (s' - s) v`` (``schedulers.samplers.sample_euler`` over the scheduler's sigmas),
    ``v = transformer(x, s, text, guidance)``; with a negative prompt and ``true_cfg_scale > 1`` also
-   ``v = v_neg + w (v - v_neg)`` (``schedules.classifier_free_guidance``);
+   ``v = v_neg + w (v - v_neg)`` (``schedules.classifier_free_guidance``); a LoRA whose metadata names
+   ``"sampler": "renoise"`` (a DMD2 student) instead re-noises each step's clean prediction ``x - s v`` to the next
+   level with fresh noise (``sample_x0_renoise``; per image drawn from ``(seed, step + 1)``, ``seeded_step_noise``);
 6. unpack, ``z / scaling_factor + shift_factor``, VAE decode (``latents.decode_latents``), ``[-1, 1] -> [0, 1]``.
 
 The transformer call can be replaced by a compiled one (``set_transformer_runner``, see ``inference/compile.py``).
@@ -29,9 +31,10 @@ from ..models import lora as lora_lib
 from ..models import lora_io
 from ..models.weights import load_flux_transformer
 from ..models import flux_folder
-from ..schedulers.samplers import few_step_sigmas, sample_euler
+from ..schedulers.samplers import few_step_sampler, few_step_sigmas
 from ..schedulers.scheduling_flow_match_euler import FlowMatchEulerDiscreteScheduler
-from .latents import decode_latents, latent_image_ids, pack_latents, resolve_seeds, seeded_noise, text_ids
+from .latents import (decode_latents, latent_image_ids, pack_latents, resolve_seeds, seeded_noise, seeded_step_noise,
+                      text_ids)
 from .text_encoding import PromptEmbeddings, encode_prompts, repeat_per_image
 
 __all__ = ["FluxPipeline", "FluxPipelineOutput", "LoadedLora", "pair_lora_scales"]
@@ -339,9 +342,15 @@ class FluxPipeline:
             return velocity
 
         step_callback = None if callback is None else (lambda info: callback(info["i"], info["sigma_next"], info["x"]))
+        def step_noise(i, shape):  # fresh noise of a re-noising student, reproducible from the seeds
+            if seeds is None:
+                return paddle.randn(shape, dtype="float32")
+            return pack_latents(seeded_step_noise(seeds, i, [channels, latent_h, latent_w]))
+
+        sampler = few_step_sampler(self.lora_sampling, step_noise)
         with paddle.no_grad():
-            latents = sample_euler(velocity_fn, latents, self.scheduler.sigmas, callback=step_callback,
-                                   progress=not self._progress_disabled)
+            latents = sampler(velocity_fn, latents, self.scheduler.sigmas, callback=step_callback,
+                              progress=not self._progress_disabled)
 
         used_sigmas = self.scheduler.sigmas.numpy().tolist()
         if output_type == "latent":

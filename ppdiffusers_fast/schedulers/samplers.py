@@ -7,6 +7,11 @@ sigmas), the methods' few-step ``sample`` and validation images all call it; the
 ``FlowMatchEulerDiscreteScheduler.step`` (diffusers' interface) calls :func:`euler_update`.
 A distilled K-phase student samples with the phase-edge sigmas ``1 -> ... -> 0`` (ALGORITHMS.md,
 "Solver grid and phases"), computed for the requested resolution by :func:`few_step_sigmas`.
+
+A DMD2 student may instead sample with :func:`sample_x0_renoise` (DMD2, Yin et al. 2024, section 4.5): at each
+level it predicts the clean sample ``x0 = x_s - s v`` and re-noises it to the next level with fresh noise,
+``x_{s'} = (1 - s') x0 + s' eps'``. Its LoRA metadata then names ``"sampler": "renoise"``; :func:`few_step_sampler`
+picks the loop a student's metadata asks for.
 """
 import numbers
 
@@ -16,7 +21,10 @@ from tqdm.auto import tqdm
 
 from .. import schedules
 
-__all__ = ["euler_update", "sample_euler", "few_step_sigmas"]
+__all__ = ["euler_update", "sample_euler", "renoise_update", "sample_x0_renoise", "SAMPLERS", "sampler_name",
+           "few_step_sampler", "few_step_sigmas"]
+
+SAMPLERS = ("euler", "renoise")
 
 
 def _as_level_list(sigmas):
@@ -89,6 +97,87 @@ def sample_euler(velocity_fn, x, sigmas, callback=None, progress=False):
                                                              velocity.astype("float32"))})
         x = x_next
     return x
+
+
+def renoise_update(x, sigma, sigma_next, velocity, noise, out_dtype=None):
+    """One re-noising step: ``x0 = x - sigma v``, then ``(1 - sigma_next) x0 + sigma_next noise`` (float32).
+
+    At ``sigma_next = 0`` this is the Euler step (both give ``x0``); above 0 the noise is fresh, not the one
+    implied by ``x`` (which the deterministic Euler jump keeps: ``x + (sigma_next - sigma) v`` equals
+    ``(1 - sigma_next) x0 + sigma_next eps_hat`` with ``eps_hat = x + (1 - sigma) v``).
+
+    Args:
+        x, velocity, noise: ``[B, ...]`` sample at ``sigma``, its velocity, standard normal noise.
+        sigma, sigma_next: python floats or ``[B]`` tensors in [0, 1].
+        out_dtype: dtype of the result (default ``x``'s).
+    Returns:
+        ``[B, ...]`` sample at level ``sigma_next``.
+    """
+    if list(velocity.shape) != list(x.shape) or list(noise.shape) != list(x.shape):
+        raise ValueError(f"velocity {list(velocity.shape)} and noise {list(noise.shape)} must have the sample's "
+                         f"shape {list(x.shape)}")
+    x0 = schedules.x0_from_velocity(x.astype("float32"), sigma, velocity.astype("float32"))
+    x_next = schedules.add_noise(x0, noise.astype("float32"), sigma_next)
+    return x_next.astype(x.dtype if out_dtype is None else out_dtype)
+
+
+def sample_x0_renoise(velocity_fn, x, sigmas, noise_fn, callback=None, progress=False):
+    """DMD2's multi-step sampler: predict ``x0`` at each level, re-noise it to the next with fresh noise.
+
+    For each consecutive pair ``(s, s')``: ``v = velocity_fn(x, s_batch)``,
+    ``x <- renoise_update(x, s, s', v, noise_fn(i, shape))`` (``noise_fn`` is not called for the last step to 0).
+    With one step (``sigmas = [1, 0]``) this equals :func:`sample_euler`.
+
+    Args:
+        velocity_fn: ``(x [B, ...], sigma [B] float32) -> v [B, ...]``.
+        x: ``[B, ...]`` start sample at level ``sigmas[0]``.
+        sigmas: strictly decreasing levels in [0, 1] (as :func:`sample_euler`).
+        noise_fn: ``(i, shape) -> [B, ...]`` standard normal noise of ``shape`` for the re-noising after step ``i``
+            (0-based).
+        callback, progress: as :func:`sample_euler`.
+    Returns:
+        ``[B, ...]`` sample at level ``sigmas[-1]``.
+    """
+    levels = _as_level_list(sigmas)
+    batch = x.shape[0]
+    steps = list(zip(levels[:-1], levels[1:]))
+    for i, (sigma, sigma_next) in enumerate(tqdm(steps, desc="sampling", disable=not progress)):
+        sigma_batch = sigma if isinstance(sigma, paddle.Tensor) else paddle.full([batch], sigma, dtype="float32")
+        velocity = velocity_fn(x, sigma_batch)
+        last = not isinstance(sigma_next, paddle.Tensor) and sigma_next == 0.0
+        if last:
+            x_next = euler_update(x, sigma, sigma_next, velocity)
+        else:
+            x_next = renoise_update(x, sigma, sigma_next, velocity, noise_fn(i, list(x.shape)))
+        if callback is not None:
+            callback({"i": i, "sigma": sigma, "sigma_next": sigma_next, "x": x_next, "velocity": velocity,
+                      "denoised": schedules.x0_from_velocity(x.astype("float32"), sigma,
+                                                             velocity.astype("float32"))})
+        x = x_next
+    return x
+
+
+def sampler_name(sampling_metadata) -> str:
+    """The sampler a student's metadata names (``"euler"`` when it names none); unknown names are errors."""
+    name = str((sampling_metadata or {}).get("sampler", "euler"))
+    if name not in SAMPLERS:
+        raise ValueError(f"sampling metadata names sampler {name!r}; known samplers: {SAMPLERS}")
+    return name
+
+
+def few_step_sampler(sampling_metadata, noise_fn=None):
+    """``(velocity_fn, x, sigmas, callback=None, progress=False) -> x``: the loop the metadata names.
+
+    ``noise_fn`` (``(i, shape) -> [B, ...]`` noise) is needed by the ``renoise`` sampler only.
+    """
+    if sampler_name(sampling_metadata) == "euler":
+        return sample_euler
+    if noise_fn is None:
+        raise ValueError("the renoise sampler needs a noise_fn (fresh noise after each step)")
+
+    def sample(velocity_fn, x, sigmas, callback=None, progress=False):
+        return sample_x0_renoise(velocity_fn, x, sigmas, noise_fn, callback=callback, progress=progress)
+    return sample
 
 
 _REQUIRED_KEYS = ("num_inference_steps", "multiphase", "num_euler_timesteps")

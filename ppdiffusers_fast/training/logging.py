@@ -2,7 +2,7 @@
 
 Scalars per update: ``loss/<name>`` for each named loss (mean over micro-batches and ranks),
 ``metric/<name>``, ``lr/<group>``, ``grad_norm/<group>`` (before clipping), ``time/step_seconds`` and
-``time/samples_per_second``; the same step, losses, learning rates and gradient norms as plain text, one
+``time/samples_per_second``; the same step, losses, metrics, learning rates and gradient norms as plain text, one
 line per update, in ``<output_dir>/train_log.txt``. Images: ``validation/<i>`` every ``validation_steps`` updates from
 ``training.validation.Validator``. Only rank 0 writes.
 """
@@ -52,7 +52,7 @@ class TrainingLogger:
                  report_to: str = "visualdl", run_name: str = "train", text_log: Optional[str] = None):
         self.enabled = enabled
         self.writer = None
-        # plain text, one line per update (step, losses, learning rates, gradient norms) and every message;
+        # plain text, one line per update (step, losses, metrics, learning rates, gradient norms) and every message;
         # appended to, so a resumed run continues the same file
         self.text = open(text_log, "a", encoding="utf-8") if enabled and text_log else None
         if enabled and report_to == "visualdl" and log_dir:
@@ -75,7 +75,7 @@ class TrainingLogger:
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
         self.bar.update(1)
         if self.text is not None:
-            shown = [k for k in sorted(scalars) if k.split("/", 1)[0] in ("loss", "lr", "grad_norm")]
+            shown = [k for k in sorted(scalars) if k.split("/", 1)[0] in ("loss", "metric", "lr", "grad_norm")]
             self.text.write(f"step {step} " + " ".join(f"{k}={float(scalars[k]):.6g}" for k in shown) + "\n")
             self.text.flush()
 

@@ -44,7 +44,7 @@ def test_dmd_loss_and_gradient_equal_hand_computed_values(fake_score):
     s = s_np.reshape([-1, 1, 1])
     x_s = (1 - s) * x0_np + s * noise_np
     v_real = _velocity(denoiser, x_s, s_np, cond.with_guidance(3.5))
-    v_fake = _velocity(denoiser, x_s, s_np, student_cond, dmd.fake_score_adapter)
+    v_fake = _velocity(denoiser, x_s, s_np, student_cond, dmd.fake_score_adapter())
     x0_real, x0_fake = x_s - s * v_real, x_s - s * v_fake
     normaliser = np.abs(x0_np - x0_real).mean(axis=(1, 2), keepdims=True)
     direction = (x0_fake - x0_real) / normaliser

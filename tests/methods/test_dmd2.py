@@ -103,3 +103,69 @@ def test_configuration_errors_and_export(tmp_path):
     assert info["sampling"]["num_inference_steps"] == 2 and info["sampling"]["num_euler_timesteps"] == 8
     sample = method.sample(paddle.randn([1, 8, 16]), tiny_batch(1).cond)
     assert list(sample.shape) == [1, 8, 16]
+
+
+def test_renoise_backward_simulation_and_sampling_use_fresh_noise(tmp_path):
+    method = _randomized(dmd2_sampler="renoise")
+    batch = tiny_batch()
+    cond = method.student_condition(batch.cond)
+    levels = [float(v) for v in method.generator_levels(batch.latents.shape[1]).numpy()]
+    paddle.seed(4)
+    x_1 = method.generator_input(batch.latents, 1, levels, cond)
+    paddle.seed(4)
+    noise = paddle.randn(batch.latents.shape, dtype="float32")
+    fresh = paddle.randn(batch.latents.shape, dtype="float32")
+    with paddle.no_grad(), use_adapters(method.denoiser.transformer, "student"):
+        v = method.denoiser(noise, paddle.full([2], 1.0), cond)
+    x0_hat = noise - v  # x - t_0 v at t_0 = 1
+    np.testing.assert_allclose(x_1.numpy(), ((1 - levels[1]) * x0_hat + levels[1] * fresh).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    # sampling: the same rule, then the last step to 0 is the clean prediction
+    paddle.seed(7)
+    start = paddle.randn([1, 8, 16], dtype="float32")
+    paddle.seed(8)
+    sample = method.sample(start, tiny_batch(1).cond)
+    paddle.seed(8)
+    eps = paddle.randn([1, 8, 16], dtype="float32")
+    student_cond = method.student_condition(tiny_batch(1).cond)
+    with paddle.no_grad(), use_adapters(method.denoiser.transformer, "student"):
+        x = (1 - levels[1]) * (start - method.denoiser(start, paddle.full([1], 1.0), student_cond)) + levels[1] * eps
+        expected = x - levels[1] * method.denoiser(x, paddle.full([1], levels[1]), student_cond)
+    np.testing.assert_allclose(sample.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    info = load_lora(tiny_denoiser(seed=9).transformer, method.export(str(tmp_path)), "student")
+    assert info["sampling"]["sampler"] == "renoise"
+    assert load_lora(tiny_denoiser(seed=9).transformer, _randomized().export(str(tmp_path / "e")),
+                     "student")["sampling"]["sampler"] == "euler"
+    with pytest.raises(ValueError, match="--dmd2_sampler"):
+        DMD2Config(dmd2_sampler="ddim").validate()
+
+
+def test_generator_diagnostics_by_hand():
+    from types import SimpleNamespace
+
+    from ppdiffusers_fast.methods.dmd2 import generator_diagnostics
+
+    x0_hat = paddle.to_tensor([[1.0, 3.0]])
+    out = SimpleNamespace(x0_real=paddle.to_tensor([[0.0, 1.0]]), x0_fake=paddle.to_tensor([[1.0, 0.0]]))
+    got = generator_diagnostics(x0_hat, paddle.to_tensor([[0.0, 2.0]]), out)
+    # gap = mean(|1|, |-1|) = 1; scale = mean(|1|, |2|) = 1.5; stds (unbiased) of [1, 3] and [0, 2]: sqrt(2)
+    assert got["dmd_gap"] == pytest.approx(1.0) and got["dmd_gap_relative"] == pytest.approx(1 / 1.5, rel=1e-6)
+    assert got["x0_hat_std"] == pytest.approx(2 ** 0.5, rel=1e-6) and got["data_std"] == pytest.approx(2 ** 0.5)
+    assert got["x0_hat_mean"] == pytest.approx(2.0)
+
+
+def test_fake_score_rank_keeps_the_students_scale():
+    from ppdiffusers_fast.methods.distribution_matching import fake_score_lora
+    from ppdiffusers_fast.models.lora import LoraConfig, layers_with_adapter
+
+    student = LoraConfig(rank=16, alpha=8.0)
+    wide = fake_score_lora(student, 64)
+    assert (wide.rank, wide.alpha, wide.alpha / wide.rank) == (64, 32.0, 0.5)
+    assert fake_score_lora(student, None) is student
+    method = DMD2(tiny_denoiser(), TINY_LORA, tiny_schedule(), DistributionMatchingConfig(dmd_fake_score_rank=6),
+                  AdversarialConfig(adv_head_channels=8), DMD2Config())
+    for _, layer in layers_with_adapter(method.denoiser.transformer, FAKE_SCORE_ADAPTER):
+        assert layer.lora_adapters[FAKE_SCORE_ADAPTER].lora_A.shape[1] == 6
+        assert layer.lora_adapters["student"].lora_A.shape[1] == TINY_LORA.rank
+    with pytest.raises(ValueError, match="--dmd_fake_score_rank"):
+        DistributionMatchingConfig(dmd_fake_score_rank=0).validate()

@@ -179,6 +179,35 @@ def test_lora_metadata_sets_phase_edge_sigmas_guidance_and_scale(folder, tmp_pat
     assert len(uniform.sigmas) == 4  # another step count: FLUX's shifted linspace(1, 1/3, 3), then 0
 
 
+def test_renoise_student_reuses_each_clean_prediction_with_seeded_step_noise(folder, tmp_path):
+    from ppdiffusers_fast.pipelines.latents import pack_latents, seeded_step_noise
+
+    sampling = dict(num_inference_steps=2, multiphase=2, num_euler_timesteps=8, sampler="renoise")
+    make_lora_file(folder, tmp_path / "student.safetensors", sampling)
+    student = new_pipe(folder)
+    student.load_lora(tmp_path / "student.safetensors")
+    calls = []
+
+    def recording_runner(*args, **kwargs):
+        velocity = student.transformer(*args, **kwargs)
+        calls.append((args[0].numpy(), velocity[0].numpy()))
+        return velocity
+
+    recording_runner.config = student.transformer.config
+    student.set_transformer_runner(recording_runner)
+    out = student("a cat", height=64, width=48, seed=3, max_sequence_length=8, output_type="latent")
+    middle = out.sigmas[1]
+    (x_start, v_start), (x_middle, v_middle) = calls
+    eps = pack_latents(seeded_step_noise([3], 0, [16, 8, 6])).numpy()  # 64 x 48 pixels -> 16 x 8 x 6 latent
+    np.testing.assert_allclose(x_middle, (1 - middle) * (x_start - v_start) + middle * eps, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out.images.numpy(), x_middle - middle * v_middle, atol=1e-5, rtol=0)
+    euler = new_pipe(folder)
+    make_lora_file(folder, tmp_path / "euler.safetensors", dict(sampling, sampler="euler"))
+    euler.load_lora(tmp_path / "euler.safetensors")
+    assert np.abs(euler("a cat", height=64, width=48, seed=3, max_sequence_length=8, output_type="latent")
+                  .images.numpy() - out.images.numpy()).max() > 1e-3
+
+
 def test_explicit_lora_scale_overrides_metadata(folder, tmp_path):
     make_lora_file(folder, tmp_path / "student.safetensors", dict(lora_scale=0.5))
     student = new_pipe(folder)

@@ -257,6 +257,7 @@ def measure_student(metric: DistributionMetric, teacher, classifier: DigitClassi
     from .report import load_student, sample_student
 
     sampling, sigmas = load_student(teacher, lora_path, adapter_name)
-    images = sample_student(teacher, adapter_name, sigmas, metric.measure_seeds.eval_set(), adapter_name)
+    images = sample_student(teacher, adapter_name, sigmas, metric.measure_seeds.eval_set(), adapter_name,
+                            sampling=sampling)
     measured = MeasuredSet.from_images(classifier, images.images, images.labels, images.seconds_per_image)
     return metric.row(measured), sampling

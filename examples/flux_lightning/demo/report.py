@@ -6,8 +6,10 @@ with disjoint seeds, excess over the noise floor, same-seed FID, FID vs real dig
 ``s / image`` is the wall time of sampling and decoding divided by the number of images.
 
 Samplers: the teacher takes FLUX's ``n``-step Euler levels with true CFG (two passes per step); a student takes
-the K Euler jumps between the phase edges its LoRA metadata names (``schedules.phase_sigmas``), conditional
-only (one pass per step), exactly as ``FluxPipeline`` samples with the LoRA loaded.
+the K steps between the phase edges its LoRA metadata names (``schedules.phase_sigmas``), Euler jumps or, when the
+metadata names ``"sampler": "renoise"``, its x0 predictions re-noised with the seeds' step noise
+(``seeded_step_noise``), conditional only (one pass per step), exactly as ``FluxPipeline`` samples with the LoRA
+loaded.
 """
 import json
 import time
@@ -22,7 +24,8 @@ from tqdm.auto import tqdm
 from ppdiffusers_fast import schedules
 from ppdiffusers_fast.models.lora import set_adapter_scale, use_adapters
 from ppdiffusers_fast.models.lora_io import load_lora
-from ppdiffusers_fast.schedulers.samplers import sample_euler
+from ppdiffusers_fast.pipelines.latents import pack_latents, seeded_step_noise
+from ppdiffusers_fast.schedulers.samplers import few_step_sampler
 from .metrics import eval_labels_and_seeds, save_digit_grid
 from .teacher import DemoTeacher, euler_sigmas
 
@@ -96,8 +99,10 @@ def load_student(teacher: DemoTeacher, lora_path, adapter_name: str, scale: Opti
 
 
 def sample_student(teacher: DemoTeacher, adapter_name: str, sigmas, eval_set: EvalSet, name: str,
-                   note: str = "", extra: Optional[dict] = None, live_with: Sequence[str] = ()) -> ImageSet:
-    """Images of a loaded student adapter: Euler jumps over ``sigmas``, conditional only (one pass per step).
+                   note: str = "", extra: Optional[dict] = None, live_with: Sequence[str] = (),
+                   sampling: Optional[dict] = None) -> ImageSet:
+    """Images of a loaded student adapter over ``sigmas``, conditional only (one pass per step), with the sampler
+    its ``sampling`` metadata names (Euler jumps when None).
 
     ``live_with``: adapters already in the model that stay live with the student (e.g. a style LoRA).
     """
@@ -110,8 +115,14 @@ def sample_student(teacher: DemoTeacher, adapter_name: str, sigmas, eval_set: Ev
             with use_adapters(teacher.transformer, adapter_name, *live_with):
                 return teacher.transformer(x, sequence, pooled, s, teacher.img_ids, teacher.txt_ids, None,
                                            return_dict=False)[0]
+
+        def step_noise(i, shape):  # the pipeline's per-seed step noise, in the packed layout
+            side = teacher.latent_size
+            channels = teacher.transformer.config.in_channels // 4
+            return pack_latents(seeded_step_noise(list(sd), i, [channels, side, side]))
         with paddle.no_grad():
-            return teacher.decode(sample_euler(velocity, teacher.initial_noise(sd), sigmas))
+            loop = few_step_sampler(sampling, step_noise)
+            return teacher.decode(loop(velocity, teacher.initial_noise(sd), sigmas))
 
     images, per_image = _sample_in_batches(sample, labels, seeds, eval_set.batch_size, f"{name}")
     return ImageSet(name, len(sigmas) - 1, images, labels, per_image, note, dict(extra or {}))
@@ -125,7 +136,8 @@ def student_images(teacher: DemoTeacher, lora_path, eval_set: EvalSet, adapter_n
     ``scale``: the student's scale (default: its metadata's ``lora_scale``).
     """
     sampling, sigmas = load_student(teacher, lora_path, adapter_name, scale)
-    return sample_student(teacher, adapter_name, sigmas, eval_set, name, note, {"sampling": sampling}, live_with)
+    return sample_student(teacher, adapter_name, sigmas, eval_set, name, note, {"sampling": sampling}, live_with,
+                          sampling)
 
 
 def markdown_table(table: Sequence[dict]) -> str:
