@@ -30,10 +30,12 @@ import paddle.nn as nn
 
 from .. import schedules
 from ..config_fields import flag
+from ..models.lora import LoraConfig, adapter_modules, adapter_parameters, inject_lora
 from ..models.lora_io import save_lora
 from .denoiser import FluxCondition
 
 STUDENT = "student"  # the adapter every method trains and exports
+STUDENT_EMA = "student_ema"  # its exponential moving average (PCM's target, DMD2's export)
 
 
 @dataclass
@@ -88,11 +90,41 @@ class LatentBatch:
     latent_size: tuple = (0, 0)
 
 
-def export_student(transformer, output_dir: str, file_name: str, sampling: dict) -> str:
-    """Save the ``STUDENT`` adapter of ``transformer`` with its ``sampling`` metadata to ``output_dir/file_name``."""
+def export_student(transformer, output_dir: str, file_name: str, sampling: dict, adapter: str = STUDENT) -> str:
+    """Save the student (``adapter``: ``STUDENT`` or its EMA) of ``transformer`` with its ``sampling`` metadata to
+    ``output_dir/file_name``; the file's keys name modules, not adapters, so either loads as the student."""
     path = os.path.join(output_dir, file_name)
-    save_lora(transformer, STUDENT, path, sampling=sampling)
+    save_lora(transformer, adapter, path, sampling=sampling)
     return path
+
+
+class StudentEMA:
+    """A float32 adapter ``STUDENT_EMA`` holding ``ema <- decay * ema + (1 - decay) * student`` (not trained).
+
+    Starts equal to the student; :meth:`update` after each generator update. Kept in float32 whatever the
+    student's dtype (a bf16 average of small steps stalls: ``1 - decay`` is lost to rounding).
+    """
+
+    def __init__(self, transformer, lora_config: LoraConfig, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must lie in (0, 1), got {decay}")
+        self.transformer = transformer
+        self.decay = decay
+        inject_lora(transformer, lora_config, STUDENT_EMA)
+        for adapter in adapter_modules(transformer, STUDENT_EMA).values():
+            adapter.to(dtype="float32")
+        with paddle.no_grad():
+            for ema, student in zip(self.parameters(), adapter_parameters(transformer, STUDENT)):
+                ema.set_value(student.astype("float32"))
+                ema.stop_gradient = True
+
+    def parameters(self) -> List[paddle.Tensor]:
+        return adapter_parameters(self.transformer, STUDENT_EMA)
+
+    @paddle.no_grad()
+    def update(self) -> None:
+        for ema, student in zip(self.parameters(), adapter_parameters(self.transformer, STUDENT)):
+            ema.set_value(self.decay * ema + (1.0 - self.decay) * student.astype(ema.dtype))
 
 
 @dataclass

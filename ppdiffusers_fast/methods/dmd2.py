@@ -23,7 +23,8 @@ One step:
    ``j ~ U{0..N-1}``, hinge loss, every step.
 
 Two time-scale rule: the fake score and the heads update every step, the generator every
-``--dmd_fake_score_updates`` steps (5 in DMD2), starting at step 0.
+``--dmd_fake_score_updates`` steps (5 in DMD2), starting at step 0. With ``--dmd2_ema_decay`` an EMA of the
+generator (``student_ema``, updated after each generator update) is what ``sample`` and ``export`` use.
 """
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -35,7 +36,8 @@ from ..config_fields import flag
 from ..models.lora import LoraConfig, adapter_parameters, inject_trainable_lora, use_adapters
 from ..schedulers.samplers import SAMPLERS, few_step_sampler
 from .adversarial import AdversarialConfig, AdversarialLearning, latent_grid_hw
-from .base import STUDENT, DistillationMethod, FewStepSchedule, LatentBatch, StepResult, export_student
+from .base import (STUDENT, STUDENT_EMA, DistillationMethod, FewStepSchedule, LatentBatch, StepResult, StudentEMA,
+                   export_student)
 from .denoiser import FluxCondition, FluxDenoiser, check_unconditional, resolve_guidance_mode, student_condition
 from .distribution_matching import DistributionMatching, DistributionMatchingConfig
 
@@ -54,10 +56,14 @@ class DMD2Config:
                              "fresh noise, DMD2 section 4.5)", choices=list(SAMPLERS))
     dmd2_fake_score_per_step: bool = flag(False, "one fake-score adapter per generator step k, trained on and "
                                           "judging that step's samples only (K adapters)")
+    dmd2_ema_decay: Optional[float] = flag(None, "decay (per generator update) of an EMA of the generator that is "
+                                           "exported and sampled instead of the generator itself; None: no EMA")
 
     def validate(self) -> None:
         if not self.dmd2_gan_weight >= 0:
             raise ValueError(f"--dmd2_gan_weight must be >= 0, got {self.dmd2_gan_weight}")
+        if self.dmd2_ema_decay is not None and not 0.0 < self.dmd2_ema_decay < 1.0:
+            raise ValueError(f"--dmd2_ema_decay must lie in (0, 1), got {self.dmd2_ema_decay}")
         if self.dmd2_sampler not in SAMPLERS:
             raise ValueError(f"--dmd2_sampler must be one of {SAMPLERS}, got {self.dmd2_sampler!r}")
 
@@ -119,6 +125,8 @@ class DMD2(DistillationMethod):
         check_unconditional(self.guidance_mode, schedule.guidance_scale, unconditional)
         self.unconditional = unconditional
         inject_trainable_lora(denoiser.transformer, lora_config, STUDENT)
+        self.ema = None if config.dmd2_ema_decay is None else StudentEMA(denoiser.transformer, lora_config,
+                                                                         config.dmd2_ema_decay)
         self.dmd_config = dmd
         self.dmd = DistributionMatching(denoiser, dmd, STUDENT, schedule.guidance_scale, self.guidance_mode,
                                         unconditional, lora_config,
@@ -143,6 +151,21 @@ class DMD2(DistillationMethod):
             groups.append("discriminator")
         return groups
 
+    def extra_checkpoint_tensors(self) -> Dict[str, paddle.Tensor]:
+        if self.ema is None:
+            return {}
+        names = self.structured_names()
+        return {names[id(p)]: p for p in self.ema.parameters()}
+
+    def after_update(self, step: int, updated_groups) -> None:
+        if self.ema is not None and "generator" in updated_groups:
+            self.ema.update()
+
+    @property
+    def exported_adapter(self) -> str:
+        """The adapter sampled and exported: the generator's EMA when kept, else the generator."""
+        return STUDENT if self.ema is None else STUDENT_EMA
+
     def group_hyperparameters(self) -> Dict[str, dict]:
         overrides = {}
         if self.dmd.optimizer_overrides():
@@ -160,10 +183,11 @@ class DMD2(DistillationMethod):
         """``[K + 1]`` levels ``1 -> 0`` of the K-step generator at the shift of ``num_image_tokens``."""
         return self.schedule.sampling_sigmas(num_image_tokens)
 
-    def _student_velocity(self, x, sigma, cond: FluxCondition):
-        """``(v [B, L, C] float32, sigma [B])`` of the student at level ``sigma`` (float or ``[B]``)."""
+    def _student_velocity(self, x, sigma, cond: FluxCondition, adapter: str = STUDENT):
+        """``(v [B, L, C] float32, sigma [B])`` of the student (or ``adapter``) at level ``sigma`` (float or
+        ``[B]``)."""
         level = sigma if isinstance(sigma, paddle.Tensor) else paddle.full([x.shape[0]], sigma, dtype="float32")
-        with use_adapters(self.denoiser.transformer, STUDENT):
+        with use_adapters(self.denoiser.transformer, adapter):
             return self.denoiser(x, level, cond).astype("float32"), level
 
     def sampler(self):
@@ -229,12 +253,15 @@ class DMD2(DistillationMethod):
         """K-step student sample from ``noise [B, L, C]``, as the inference entry point samples it."""
         sigmas = self.generator_levels(noise.shape[1]) if sigmas is None else sigmas
         student_cond = self.student_condition(cond)
-        return self.sampler()(lambda x, s: self._student_velocity(x, s, student_cond)[0], noise, sigmas)
+        return self.sampler()(lambda x, s: self._student_velocity(x, s, student_cond, self.exported_adapter)[0],
+                              noise, sigmas)
 
     def sampling_metadata(self) -> dict:
         """Settings the inference entry point needs: the K phase edges and the rule between them (``sampler``)."""
         return {**self.schedule.sampling_metadata(), "sampler": self.config.dmd2_sampler}
 
     def export(self, output_dir: str) -> Optional[str]:
-        """Write the student LoRA with its sampling metadata to ``output_dir/dmd2_lora.safetensors``."""
-        return export_student(self.denoiser.transformer, output_dir, LORA_FILE, self.sampling_metadata())
+        """Write the student LoRA (its EMA with ``--dmd2_ema_decay``) with its sampling metadata to
+        ``output_dir/dmd2_lora.safetensors``."""
+        return export_student(self.denoiser.transformer, output_dir, LORA_FILE, self.sampling_metadata(),
+                              self.exported_adapter)

@@ -30,14 +30,14 @@ import paddle
 from .. import schedules
 from ..config_fields import flag
 from ..losses import consistency_loss
-from ..models.lora import (LoraConfig, adapter_modules, adapter_parameters, inject_lora, inject_trainable_lora,
-                           use_adapters)
+from ..models.lora import LoraConfig, adapter_parameters, inject_trainable_lora, use_adapters
 from ..schedulers.samplers import sample_euler
-from .base import STUDENT, DistillationMethod, FewStepSchedule, LatentBatch, StepResult, export_student
+from .base import (STUDENT, STUDENT_EMA, DistillationMethod, FewStepSchedule, LatentBatch, StepResult, StudentEMA,
+                   export_student)
 from .denoiser import (FluxCondition, FluxDenoiser, check_unconditional, resolve_guidance_mode, student_condition,
                        teacher_velocity)
 
-EMA_TARGET = "student_ema"
+EMA_TARGET = STUDENT_EMA
 LORA_FILE = "pcm_lora.safetensors"
 
 
@@ -126,14 +126,7 @@ class PCM(DistillationMethod):
         self.edges = schedules.phase_edge_indices(schedule.num_euler_timesteps, schedule.multiphase)
         transformer = denoiser.transformer
         inject_trainable_lora(transformer, lora_config, STUDENT)
-        if config.ema_decay is not None:
-            inject_lora(transformer, lora_config, EMA_TARGET)
-            for adapter in adapter_modules(transformer, EMA_TARGET).values():
-                adapter.to(dtype="float32")  # a bf16 average of small steps stalls (1 - decay under bf16 rounding)
-            with paddle.no_grad():
-                for ema, student in zip(self._ema_parameters(), adapter_parameters(transformer, STUDENT)):
-                    ema.set_value(student.astype("float32"))
-                    ema.stop_gradient = True
+        self.ema = None if config.ema_decay is None else StudentEMA(transformer, lora_config, config.ema_decay)
 
     # ------------------------------------------------------------------ trainer interface
     def parameter_groups(self) -> Dict[str, List[paddle.Tensor]]:
@@ -146,18 +139,11 @@ class PCM(DistillationMethod):
         if self.config.ema_decay is None:
             return {}
         names = self.structured_names()
-        return {names[id(p)]: p for p in self._ema_parameters()}
+        return {names[id(p)]: p for p in self.ema.parameters()}
 
-    def _ema_parameters(self):
-        return adapter_parameters(self.denoiser.transformer, EMA_TARGET)
-
-    @paddle.no_grad()
     def after_update(self, step, updated_groups) -> None:
-        if self.config.ema_decay is None or "generator" not in updated_groups:
-            return
-        decay = self.config.ema_decay
-        for ema, student in zip(self._ema_parameters(), adapter_parameters(self.denoiser.transformer, STUDENT)):
-            ema.set_value(decay * ema + (1.0 - decay) * student.astype(ema.dtype))
+        if self.ema is not None and "generator" in updated_groups:
+            self.ema.update()
 
     # ------------------------------------------------------------------ the PCM step
     def student_condition(self, cond: FluxCondition) -> FluxCondition:

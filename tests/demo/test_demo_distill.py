@@ -67,6 +67,25 @@ def test_every_ablation_recipe_is_a_valid_command_line(row, tmp_path):
                                                                                  recipe.multiphase)
 
 
+def test_dmd2_recipes_reach_the_method_settings(tmp_path):
+    from demo.distill import METHOD_RECIPES, recipe_for, training_argv
+    from ppdiffusers_fast.training.config import config_from_args
+
+    def parsed(name):
+        return config_from_args(training_argv(recipe_for(name), tmp_path, tmp_path / "latents.safetensors",
+                                              DEMO_MODEL_DIR))
+
+    chosen = parsed("dmd2")
+    assert chosen.dmd2.dmd2_fake_score_per_step and chosen.dmd2.dmd2_sampler == "euler"
+    assert chosen.dmd.dmd_fake_score_updates == 5 and chosen.dmd.dmd_fake_score == "adapter"
+    assert not parsed("dmd2_shared").dmd2.dmd2_fake_score_per_step
+    assert parsed("dmd2_renoise").dmd2.dmd2_sampler == "renoise"
+    assert parsed("dmd2_fake_rank_64").dmd.dmd_fake_score_rank == 64
+    assert parsed("dmd2_shared_gen_lr_1e-3").optim.learning_rate == 1e-3
+    for name in [n for n in METHOD_RECIPES if n.startswith("dmd2")]:
+        assert parsed(name).run.method == "dmd2"
+
+
 def test_training_checkpoints_resumes_and_exports_a_loadable_lora(tmp_path, latent_cache):
     from demo.distill import recipe_for, training_argv
     from ppdiffusers_fast.models.lora_io import read_safetensors

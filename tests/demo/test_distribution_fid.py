@@ -67,3 +67,24 @@ def test_overlapping_seed_sets_are_refused():
     with pytest.raises(ValueError, match="overlap"):
         check_disjoint(SeedSet("A", 0, 100), SeedSet("B", 999, 100))
     check_disjoint(SeedSet("A", 0, 100), SeedSet("B", 1000, 100))
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.95])
+def test_checkpoint_lora_takes_the_adapter_the_run_exports(tmp_path, ema_decay):
+    import json
+
+    from demo.ablation import checkpoint_lora
+    from ppdiffusers_fast.models.safetensors_io import load_file, save_file
+
+    module = "transformer_blocks.0.attn.to_q"
+    template = save_file({f"{module}.lora_A": np.zeros([4, 2], np.float32)}, tmp_path / "dmd2_lora.safetensors",
+                         metadata={"sampling": "{}"})
+    checkpoint = tmp_path / "checkpoint-50"
+    checkpoint.mkdir()
+    prefix = f"denoiser.transformer.{module}.lora_adapters"
+    save_file({f"{prefix}.student.lora_A": np.full([4, 2], 1.0, np.float32),
+               f"{prefix}.student_ema.lora_A": np.full([4, 2], 2.0, np.float32)}, checkpoint / "trainable.safetensors")
+    (checkpoint / "config.json").write_text(json.dumps({"dmd2": {"dmd2_ema_decay": ema_decay}}))
+    written = load_file(checkpoint_lora(checkpoint, template, tmp_path / "curve_50.safetensors"))
+    assert list(written) == [f"{module}.lora_A"]
+    np.testing.assert_array_equal(written[f"{module}.lora_A"], 1.0 if ema_decay is None else 2.0)

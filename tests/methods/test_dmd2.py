@@ -169,3 +169,30 @@ def test_fake_score_rank_keeps_the_students_scale():
         assert layer.lora_adapters["student"].lora_A.shape[1] == TINY_LORA.rank
     with pytest.raises(ValueError, match="--dmd_fake_score_rank"):
         DistributionMatchingConfig(dmd_fake_score_rank=0).validate()
+
+
+def test_generator_ema_is_updated_on_generator_steps_and_exported(tmp_path):
+    from ppdiffusers_fast.methods.base import STUDENT_EMA
+    from ppdiffusers_fast.models.lora import adapter_parameters
+
+    method = tiny_dmd2(dmd2_ema_decay=0.75)
+    transformer = method.denoiser.transformer
+    student, ema = adapter_parameters(transformer, "student"), adapter_parameters(transformer, STUDENT_EMA)
+    assert all(np.array_equal(s.numpy(), e.numpy()) for s, e in zip(student, ema))
+    assert all(e.stop_gradient for e in ema) and not any(id(e) in {id(p) for g in method.parameter_groups().values()
+                                                                    for p in g} for e in ema)
+    assert len(method.extra_checkpoint_tensors()) == len(ema)
+    start = ema[0].numpy().copy()
+    with paddle.no_grad():
+        student[0].set_value(paddle.full(student[0].shape, 2.0))
+    method.after_update(1, ["fake_score", "discriminator"])  # no generator update: unchanged
+    np.testing.assert_array_equal(ema[0].numpy(), start)
+    method.after_update(0, ["generator", "fake_score"])
+    np.testing.assert_allclose(ema[0].numpy(), 0.75 * start + 0.25 * 2.0, rtol=1e-6)
+    info = load_lora(tiny_denoiser(seed=9).transformer, method.export(str(tmp_path)), "student")
+    assert info["sampling"]["num_inference_steps"] == 2
+    fresh = tiny_denoiser(seed=9).transformer
+    load_lora(fresh, str(tmp_path / "dmd2_lora.safetensors"), "student")
+    np.testing.assert_allclose(adapter_parameters(fresh, "student")[0].numpy(), ema[0].numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="--dmd2_ema_decay"):
+        DMD2Config(dmd2_ema_decay=1.0).validate()

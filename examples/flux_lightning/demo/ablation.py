@@ -32,8 +32,17 @@ ROW_LABELS = {"pcm": "PCM", "pcm_adv": "PCM + adv", "pcm_adv_dmd": "PCM + adv + 
               "flux_lightning_student_x0": "FLUX-Lightning, DMD on x_i - sigma_i v",
               "pcm_dmd_phase_end": "PCM + DMD on the phase-end prediction",
               "pcm_dmd_student_x0": "PCM + DMD on x_i - sigma_i v",
-              "dmd2": "DMD2 (adapter fake score)", "dmd2_u5": "DMD2, 5 fake-score updates per generator update",
-              "dmd2_u1_fake_lr_1e-2": "DMD2, generator every step, fake-score lr 1e-2"}
+              "dmd2": "DMD2, a fake score per generator step, 5 fake-score updates per generator update",
+              "dmd2_u5": "DMD2, 5 fake-score updates per generator update",
+              "dmd2_u1_fake_lr_1e-2": "DMD2, generator every step, fake-score lr 1e-2",
+              "dmd2_shared": "DMD2, one shared fake score",
+              "dmd2_shared_renoise": "DMD2, one shared fake score, x0 re-noised between steps",
+              "dmd2_shared_gen_lr_1e-3": "DMD2, one shared fake score, generator lr 1e-3",
+              "dmd2_per_step": "DMD2, a fake score per generator step",
+              "dmd2_renoise": "DMD2, a fake score per generator step, x0 re-noised between steps",
+              "dmd2_fake_lr_1e-2": "DMD2, a fake score per generator step, fake-score lr 1e-2",
+              "dmd2_fake_rank_64": "DMD2, a fake score per generator step, fake-score rank 64",
+              "dmd2_ema": "DMD2, a fake score per generator step, EMA 0.95 of the generator exported"}
 TEACHER_STEPS = (1, 2, 4, 8)
 COMMITTED_STUDENTS = ("student_lora.safetensors", "student_2step_lora.safetensors", "student_1step_lora.safetensors")
 RESULTS_NAME = "ablation.json"
@@ -215,18 +224,22 @@ def train_seconds_of(row_dir: Path, seconds_now: float) -> float:
 
 
 def checkpoint_lora(checkpoint: Path, template: Path, target: Path) -> Path:
-    """The student adapter of a training checkpoint written as a LoRA file, with the keys and sampling metadata of
+    """The exported adapter of a training checkpoint written as a LoRA file, with the keys and sampling metadata of
     ``template`` (the run's exported LoRA); checkpoint names are ``denoiser.transformer.<module>.lora_adapters.
-    student.lora_A`` (the method's structured names)."""
+    student.lora_A`` (the method's structured names), ``student_ema`` when the run keeps an EMA that it exports."""
+    from ppdiffusers_fast.methods.base import STUDENT, STUDENT_EMA
     from ppdiffusers_fast.models.safetensors_io import load_file, read_header, save_file
 
     stored = load_file(checkpoint / "trainable.safetensors")
     header, metadata, _ = read_header(template)
+    config = json.loads((checkpoint / "config.json").read_text()) if (checkpoint / "config.json").is_file() else {}
+    exports_ema = (config.get("dmd2") or {}).get("dmd2_ema_decay") is not None
+    adapter = STUDENT_EMA if exports_ema else STUDENT
     keys = list(header)
     tensors = {}
     for key in keys:
         module, _, part = key.rpartition(".")
-        name = f"denoiser.transformer.{module}.lora_adapters.student.{part}"
+        name = f"denoiser.transformer.{module}.lora_adapters.{adapter}.{part}"
         if name not in stored:
             raise KeyError(f"{checkpoint}: no {name} for the LoRA key {key}")
         tensors[key] = stored[name]
@@ -234,10 +247,14 @@ def checkpoint_lora(checkpoint: Path, template: Path, target: Path) -> Path:
 
 
 def measure_curve(metric, teacher, classifier, row_dir: Path, lora: Path) -> List[dict]:
-    """Distribution FID of every kept checkpoint of a run (its training curve)."""
+    """Distribution FID of every kept checkpoint of a run (its training curve), after the point of step 0: the run's
+    LoRA at scale 0, i.e. the base the student starts from, sampled with the student's steps and sampler."""
     from .distribution_fid import measure_student
 
-    points = []
+    start, _ = measure_student(metric, teacher, classifier, lora, adapter_name(f"{row_dir.name}_curve_0"), scale=0.0)
+    points = [{"step": 0, **start}]
+    print(f"[ablation] {row_dir.name} step 0: FID {start['fid_disjoint']:.2f}, excess {start['excess']:.2f}",
+          flush=True)
     for checkpoint in sorted(row_dir.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1])):
         step = int(checkpoint.name.split("-")[1])
         exported = checkpoint_lora(checkpoint, lora, row_dir / f"curve_{step}.safetensors")

@@ -79,7 +79,11 @@ class DemoRecipe:
     dmd_fake_score: Optional[str] = None
     dmd_fake_score_updates: Optional[int] = None
     dmd_fake_score_lr: Optional[float] = None
+    dmd_fake_score_rank: Optional[int] = None
     dmd2_gan_weight: Optional[float] = None
+    dmd2_fake_score_per_step: Optional[bool] = None
+    dmd2_sampler: Optional[str] = None
+    dmd2_ema_decay: Optional[float] = None
     extra_flags: List[str] = field(default_factory=list)
 
     def flags(self) -> List[str]:
@@ -110,18 +114,35 @@ METHOD_RECIPES: Dict[str, DemoRecipe] = {
                                      reflow_loss_weight=None, dmd_placement="student_x0"),
     "flux_lightning_phase_end": DemoRecipe(dmd_placement="phase_end"),
     "flux_lightning_student_x0": DemoRecipe(dmd_placement="student_x0"),
+    # DMD2 (docs/demo_ablation.md, "DMD2"): one fake-score adapter per generator step (with one shared fake score
+    # the later steps' samples were judged against a mixture with the blurrier early steps' and got worse than the
+    # step before them) of rank 64 (more than rank 16 can track), 5 fake-score updates per generator update, Euler
+    # jumps between the generator's steps; checkpoints every 250 steps for the training curves.
     "dmd2": DemoRecipe(method="dmd2", loss_type=None, huber_c=None, adv_weight=None, adv_alternate=None,
                        use_dmd_loss=None,
                        dmd_weight=None, apply_reflow_loss=None, reflow_loss_weight=None, dmd_fake_score="adapter",
-                       dmd_fake_score_updates=2, dmd2_gan_weight=5e-3),
+                       dmd_fake_score_updates=5, dmd2_gan_weight=5e-3, dmd2_fake_score_per_step=True,
+                       dmd_fake_score_rank=64, checkpointing_steps=250, checkpoints_total_limit=25),
 }
-# DMD2 settings compared on the demo (docs/demo_ablation.md): 5 fake-score updates per generator update at the
-# common lr, or a generator update every step with a 3.3x faster fake score; checkpoints every 50 steps (curves).
-METHOD_RECIPES["dmd2_u5"] = replace(METHOD_RECIPES["dmd2"], dmd_fake_score_updates=5, checkpointing_steps=50,
-                                    checkpoints_total_limit=10)
-METHOD_RECIPES["dmd2_u1_fake_lr_1e-2"] = replace(METHOD_RECIPES["dmd2"], dmd_fake_score_updates=1,
-                                                 dmd_fake_score_lr=1e-2, checkpointing_steps=50,
-                                                 checkpoints_total_limit=10)
+# DMD2 settings compared on the demo (docs/demo_ablation.md, "DMD2"). The 150-step runs (checkpoints every 50):
+# one shared fake score with 5 fake-score updates per generator update, or a generator update every step with a
+# 3.3x faster fake score. The 600-step runs (checkpoints every 100): one shared fake score, alone, with the
+# re-noising sampler or with a 3x lower generator lr; per-step fake scores, alone, with the re-noising sampler, a
+# 3.3x faster fake score or fake scores of rank 64.
+METHOD_RECIPES["dmd2_u5"] = replace(METHOD_RECIPES["dmd2"], dmd2_fake_score_per_step=False, checkpointing_steps=50,
+                                    checkpoints_total_limit=10, dmd_fake_score_rank=None)
+METHOD_RECIPES["dmd2_u1_fake_lr_1e-2"] = replace(METHOD_RECIPES["dmd2_u5"], dmd_fake_score_updates=1,
+                                                 dmd_fake_score_lr=1e-2)
+_EVERY_100 = dict(checkpointing_steps=100, checkpoints_total_limit=25, dmd_fake_score_rank=None)
+METHOD_RECIPES["dmd2_shared"] = replace(METHOD_RECIPES["dmd2"], dmd2_fake_score_per_step=False, **_EVERY_100)
+METHOD_RECIPES["dmd2_shared_renoise"] = replace(METHOD_RECIPES["dmd2_shared"], dmd2_sampler="renoise")
+METHOD_RECIPES["dmd2_shared_gen_lr_1e-3"] = replace(METHOD_RECIPES["dmd2_shared"], learning_rate=1e-3,
+                                                    dmd_fake_score_lr=3e-3)
+METHOD_RECIPES["dmd2_per_step"] = replace(METHOD_RECIPES["dmd2"], **_EVERY_100)
+METHOD_RECIPES["dmd2_renoise"] = replace(METHOD_RECIPES["dmd2_per_step"], dmd2_sampler="renoise")
+METHOD_RECIPES["dmd2_fake_lr_1e-2"] = replace(METHOD_RECIPES["dmd2_per_step"], dmd_fake_score_lr=1e-2)
+METHOD_RECIPES["dmd2_fake_rank_64"] = replace(METHOD_RECIPES["dmd2_per_step"], dmd_fake_score_rank=64)
+METHOD_RECIPES["dmd2_ema"] = replace(METHOD_RECIPES["dmd2_per_step"], dmd2_ema_decay=0.95)
 
 
 def recipe_for(name: str, **overrides) -> DemoRecipe:

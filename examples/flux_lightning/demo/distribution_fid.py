@@ -249,14 +249,15 @@ def build_metric(teacher, classifier: DigitClassifier, folder: Union[str, Path],
 
 
 def measure_student(metric: DistributionMetric, teacher, classifier: DigitClassifier, lora_path,
-                    adapter_name: str):
+                    adapter_name: str, scale: Optional[float] = None):
     """Metric columns of a student LoRA sampled as its metadata says, on the metric's seeds B.
 
+    ``scale``: the LoRA's scale (default its metadata's; 0 measures the base with the student's sampler).
     Returns ``(row, sampling metadata)``.
     """
     from .report import load_student, sample_student
 
-    sampling, sigmas = load_student(teacher, lora_path, adapter_name)
+    sampling, sigmas = load_student(teacher, lora_path, adapter_name, scale)
     images = sample_student(teacher, adapter_name, sigmas, metric.measure_seeds.eval_set(), adapter_name,
                             sampling=sampling)
     measured = MeasuredSet.from_images(classifier, images.images, images.labels, images.seconds_per_image)
