@@ -32,7 +32,7 @@ ROW_LABELS = {"pcm": "PCM", "pcm_adv": "PCM + adv", "pcm_adv_dmd": "PCM + adv + 
               "flux_lightning_student_x0": "FLUX-Lightning, DMD on x_i - sigma_i v",
               "pcm_dmd_phase_end": "PCM + DMD on the phase-end prediction",
               "pcm_dmd_student_x0": "PCM + DMD on x_i - sigma_i v",
-              "dmd2": "DMD2, a fake score per generator step, 5 fake-score updates per generator update",
+              "dmd2": "DMD2: a rank-64 fake score per generator step, 5 fake-score updates per generator update",
               "dmd2_u5": "DMD2, 5 fake-score updates per generator update",
               "dmd2_u1_fake_lr_1e-2": "DMD2, generator every step, fake-score lr 1e-2",
               "dmd2_shared": "DMD2, one shared fake score",
