@@ -86,6 +86,26 @@ def test_dmd2_recipes_reach_the_method_settings(tmp_path):
         assert parsed(name).run.method == "dmd2"
 
 
+def test_pcm_recipes_train_on_32_grid_steps_and_sample_at_the_16_step_phase_edges():
+    """The PCM-based rows train on N = 32 (the teacher's 32-step Euler error is below the metric's resolution, the
+    16-step one is not); DMD2 keeps its N = 16 level grid, and ``*_n16`` rows reproduce the N = 16 results. With K = 4 the phase edges e_k = k N / K sit at
+    t = 1, 3/4, 1/2, 1/4, 0 for both N, so the student samples at the same sigmas
+    shift(t; mu) = e^mu / (e^mu + 1/t - 1), here at the demo's mu for 32x32 images (16 image tokens)."""
+    import math
+
+    from demo.distill import METHOD_RECIPES
+    from ppdiffusers_fast import schedules
+
+    grids = {"pcm": 32, "pcm_adv": 32, "pcm_adv_dmd": 32, "flux_lightning": 32, "dmd2": 16, "pcm_n16": 16,
+             "flux_lightning_n16": 16, "pcm_dmd_phase_end": 16}
+    assert {name: METHOD_RECIPES[name].num_euler_timesteps for name in grids} == grids
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (16 - 256)  # resolution_mu(16) on FLUX.1's line
+    assert schedules.resolution_mu(16) == pytest.approx(mu, abs=1e-12)
+    expected = [1.0] + [math.exp(mu) / (math.exp(mu) + 1 / t - 1) for t in (0.75, 0.5, 0.25)] + [0.0]
+    for n in (16, 32):
+        np.testing.assert_allclose(schedules.phase_sigmas(4, n, mu).numpy(), expected, rtol=1e-6, atol=1e-7)
+
+
 def test_training_checkpoints_resumes_and_exports_a_loadable_lora(tmp_path, latent_cache):
     from demo.distill import recipe_for, training_argv
     from ppdiffusers_fast.models.lora_io import read_safetensors
