@@ -97,7 +97,8 @@ def test_pcm_recipes_train_on_32_grid_steps_and_sample_at_the_16_step_phase_edge
     from ppdiffusers_fast import schedules
 
     grids = {"pcm": 32, "pcm_adv": 32, "pcm_adv_dmd": 32, "flux_lightning": 32, "dmd2": 16, "pcm_n16": 16,
-             "flux_lightning_n16": 16, "pcm_dmd_phase_end": 16}
+             "flux_lightning_n16": 16, "pcm_dmd_phase_end": 16,
+             "pcm_2000": 32}
     assert {name: METHOD_RECIPES[name].num_euler_timesteps for name in grids} == grids
     mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (16 - 256)  # resolution_mu(16) on FLUX.1's line
     assert schedules.resolution_mu(16) == pytest.approx(mu, abs=1e-12)

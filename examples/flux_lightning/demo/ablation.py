@@ -28,7 +28,7 @@ from .config import CLASSIFIER_WEIGHTS_NAME, DEMO_MODEL_DIR
 DEFAULT_METHODS = ("pcm", "pcm_adv", "pcm_adv_dmd", "flux_lightning", "dmd2")
 ROW_LABELS = {"pcm": "PCM", "pcm_adv": "PCM + adv", "pcm_adv_dmd": "PCM + adv + DMD",
               "flux_lightning": "FLUX-Lightning (PCM + adv + DMD + reflow)",
-              "pcm_n16": "PCM, N = 16", "flux_lightning_n16": "FLUX-Lightning, N = 16",
+              "pcm_2000": "PCM, 2000 steps", "pcm_n16": "PCM, N = 16", "flux_lightning_n16": "FLUX-Lightning, N = 16",
               "flux_lightning_phase_end": "FLUX-Lightning, DMD on the phase-end prediction",
               "flux_lightning_student_x0": "FLUX-Lightning, DMD on x_i - sigma_i v",
               "pcm_dmd_phase_end": "PCM + DMD on the phase-end prediction",

@@ -147,6 +147,8 @@ METHOD_RECIPES["dmd2_renoise"] = replace(METHOD_RECIPES["dmd2_per_step"], dmd2_s
 METHOD_RECIPES["dmd2_fake_lr_1e-2"] = replace(METHOD_RECIPES["dmd2_per_step"], dmd_fake_score_lr=1e-2)
 METHOD_RECIPES["dmd2_fake_rank_64"] = replace(METHOD_RECIPES["dmd2_per_step"], dmd_fake_score_rank=64)
 METHOD_RECIPES["dmd2_ema"] = replace(METHOD_RECIPES["dmd2_per_step"], dmd2_ema_decay=0.95)
+# The best 4-step student on the demo (docs/demo_ablation.md): PCM alone, twice the demo's training steps.
+METHOD_RECIPES["pcm_2000"] = replace(METHOD_RECIPES["pcm"], max_train_steps=2000)
 # The earlier N = 16 grid, kept to reproduce the rows measured with it (docs/demo_ablation.md).
 METHOD_RECIPES["pcm_n16"] = replace(METHOD_RECIPES["pcm"], num_euler_timesteps=16)
 METHOD_RECIPES["flux_lightning_n16"] = replace(METHOD_RECIPES["flux_lightning"], num_euler_timesteps=16)
