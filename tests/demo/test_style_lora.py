@@ -1,5 +1,6 @@
 """The style example's data transform and style statistic, on hand-computed images."""
 import numpy as np
+import pytest
 
 from demo.style_lora import bold_strokes, ink_coverage
 
@@ -27,3 +28,105 @@ def test_ink_coverage_is_mean_ink_over_pixels():
     image[:, :, 2, 0] = 0.0  # one more pixel half inked
     assert ink_coverage(image) == (8 + 0.5) / 16
     assert ink_coverage(np.full([2, 3, 4, 4], -3.0, np.float32)) == 1.0  # values outside [-1, 1] are clipped
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the evaluation: targets and table from hand-made rows; the rows themselves on the committed demo teacher
+# ------------------------------------------------------------------------------------------------------------------
+
+def table_row(name, steps, ink_vs, fid, halves, style_scale=1.0):
+    reference = fid == 0.0
+    return {"row": name, "steps": steps, "style_scale": style_scale, "ink_coverage": 0.4 * (1 + ink_vs),
+            "ink_vs_reference": ink_vs, "fid_disjoint": fid, "excess": None if reference else fid - 2.0,
+            "excess_halves": None if reference else halves, "adherence": 1.0, "seconds_per_image": 0.01}
+
+
+def test_targets_judge_the_first_student_row_against_euler_at_the_same_style_scale():
+    from demo.style_lora import markdown_table, targets
+
+    table = [table_row("teacher + style, 50 Euler steps (reference)", 50, 0.0, 0.0, None),
+             table_row("teacher + style, 4 Euler steps", 4, 0.001, 5.0, [3.0, 3.4]),
+             table_row("teacher + style at scale 0.8, 4 Euler steps", 4, -0.05, 4.0, [2.0, 2.2], 0.8),
+             table_row("teacher + style at scale 0.8 + 4-step student", 4, -0.099, 4.5, [2.5, 2.1], 0.8),
+             table_row("teacher + style + 4-step student", 4, 0.12, 3.0, [1.0, 1.2])]
+    verdict = targets(table)
+    # the first student row has style scale 0.8: judged against the 0.8 Euler row (4.5 > 4.0: not beaten)
+    assert verdict["euler_row"] == "teacher + style at scale 0.8, 4 Euler steps"
+    assert verdict["style_kept"] is True and verdict["beats_euler"] is False
+    assert verdict["beats_euler_both_halves"] is False  # half 1: 2.5 > 2.0
+    verdict = targets([table[0], table[1], table[4]])
+    assert verdict["style_kept"] is False  # +12% > 10%
+    assert verdict["beats_euler"] is True and verdict["beats_euler_both_halves"] is True
+    lines = markdown_table(table[:2]).splitlines()
+    assert lines[2] == "| teacher + style, 50 Euler steps (reference) | 50 | 0.4000 | +0.0% | 0 (reference) |  |  | " \
+                       "100.0% | 0.010 |"
+    assert lines[3] == "| teacher + style, 4 Euler steps | 4 | 0.4004 | +0.1% | 5.00 | 3.00 | 3.00 / 3.40 | " \
+                       "100.0% | 0.010 |"
+
+
+def test_memory_cache_measures_each_set_once():
+    from demo.distribution_fid import MemoryCache
+
+    calls = []
+    cache = MemoryCache()
+    first = cache.get("teacher50_A", lambda: calls.append(1) or "measured")
+    assert cache.get("teacher50_A", lambda: calls.append(2) or "again") == first == "measured"
+    assert calls == [1]
+
+
+@pytest.fixture(scope="module")
+def demo_parts(tmp_path_factory):
+    """The committed demo teacher, its classifier, the real digits, and a style LoRA file with random updates."""
+    from demo.classifier import load_classifier
+    from demo.config import CLASSIFIER_WEIGHTS_NAME, DEMO_MODEL_DIR
+    from demo.distribution_fid import real_digits
+    from demo.teacher import DemoTeacher, read_demo_config
+    from ppdiffusers_fast.models.lora import LoraConfig, adapter_modules, inject_lora
+    from ppdiffusers_fast.models.lora_io import save_lora
+
+    if not (DEMO_MODEL_DIR / "demo_config.json").is_file():
+        pytest.skip("the demo model folder is not present")
+    maker = DemoTeacher.from_folder(DEMO_MODEL_DIR)
+    inject_lora(maker.transformer, LoraConfig(rank=4, alpha=4.0, target_modules=("attn.to_v", "ff.net.2")), "style")
+    rng = np.random.default_rng(0)
+    for adapter in adapter_modules(maker.transformer, "style").values():
+        adapter.lora_B.set_value(rng.standard_normal(adapter.lora_B.shape).astype(np.float32) * 0.3)
+    path = tmp_path_factory.mktemp("style") / "style_lora.safetensors"
+    save_lora(maker.transformer, "style", path)
+    demo = read_demo_config(DEMO_MODEL_DIR)
+    classifier = load_classifier(DEMO_MODEL_DIR / CLASSIFIER_WEIGHTS_NAME, demo["classifier"]["resolution"])
+    return DEMO_MODEL_DIR, classifier, real_digits(classifier, demo), path
+
+
+def test_evaluate_rows_on_the_demo_teacher(tmp_path, demo_parts):
+    """Style at scale 0 in the 4-step rows gives exactly the plain teacher's and the plain student's images."""
+    from demo.config import STUDENT_LORA_NAME
+    from demo.distribution_fid import MEASURE_SEEDS
+    from demo.report import student_images, teacher_images
+    from demo.style_lora import evaluate, ink_coverage
+    from demo.teacher import DemoTeacher
+
+    folder, classifier, real, style_path = demo_parts
+    student = folder / STUDENT_LORA_NAME
+    result = evaluate(DemoTeacher.from_folder(folder), classifier, real, style_path, student, tmp_path,
+                      images_per_digit=2, style_scales=(1.0, 0.0), grid_columns=2)
+    rows = {row["row"]: row for row in result["rows"]}
+    assert list(rows) == ["teacher + style, 50 Euler steps (reference)",
+                          "teacher + style, 50 Euler steps, other seeds (noise floor)",
+                          "teacher + style, 4 Euler steps", "teacher + style at scale 0, 4 Euler steps",
+                          "teacher + style + 4-step student", "teacher + style at scale 0 + 4-step student",
+                          "teacher without style, 50 Euler steps"]
+    assert rows["teacher + style, 50 Euler steps (reference)"]["ink_vs_reference"] == 0.0
+    floor = rows["teacher + style, 50 Euler steps, other seeds (noise floor)"]
+    assert floor["excess"] == 0.0 and floor["fid_disjoint"] == result["metric"]["floor"] > 0
+    assert all(row["images"] == 20 for row in rows.values())
+    plain = DemoTeacher.from_folder(folder)
+    seeds = MEASURE_SEEDS.with_images_per_digit(2).eval_set()
+    plain_euler = ink_coverage(teacher_images(plain, seeds, 4).images)
+    plain_student = ink_coverage(student_images(plain, student, seeds, "student", "student").images)
+    np.testing.assert_allclose(rows["teacher + style at scale 0, 4 Euler steps"]["ink_coverage"], plain_euler,
+                               rtol=1e-6)
+    np.testing.assert_allclose(rows["teacher + style at scale 0 + 4-step student"]["ink_coverage"], plain_student,
+                               rtol=1e-6)
+    assert abs(rows["teacher + style, 4 Euler steps"]["ink_coverage"] - plain_euler) > 1e-3  # the style acts
+    assert (tmp_path / "style_grid.png").is_file() and (tmp_path / "style_results.md").is_file()

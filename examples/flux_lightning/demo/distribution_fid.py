@@ -31,7 +31,7 @@ from ppdiffusers_fast.models.safetensors_io import load_file, save_file
 
 from .classifier import DigitClassifier, extract_features, predict_logits
 
-__all__ = ["SeedSet", "REFERENCE_SEEDS", "MEASURE_SEEDS", "MeasuredSet", "FeatureCache",
+__all__ = ["SeedSet", "REFERENCE_SEEDS", "MEASURE_SEEDS", "MeasuredSet", "FeatureCache", "MemoryCache",
            "fid_between", "DistributionMetric"]
 
 
@@ -146,18 +146,31 @@ class FeatureCache:
         return measured
 
 
+class MemoryCache:
+    """:class:`FeatureCache`'s interface without the disk: sets measured once per run (e.g. a teacher that carries
+    a freshly trained style LoRA, whose sets must never be reused by another run)."""
+
+    def __init__(self):
+        self.sets: Dict[str, MeasuredSet] = {}
+
+    def get(self, name: str, make: Callable[[], MeasuredSet]) -> MeasuredSet:
+        if name not in self.sets:
+            self.sets[name] = make()
+        return self.sets[name]
+
+
 class DistributionMetric:
     """The demo's metric: disjoint-seed FID, excess over the floor, same-seed FID, FID vs real, adherence.
 
     Args:
         measure_teacher: ``(seed_set, num_steps) -> MeasuredSet``: the teacher's Euler steps with its true CFG.
         real: the held-out real digits, measured.
-        cache: where teacher sets are kept.
+        cache: where teacher sets are kept (:class:`FeatureCache` or :class:`MemoryCache`).
         reference_seeds, measure_seeds: the seed sets (disjoint; checked).
     """
 
     def __init__(self, measure_teacher: Callable[[SeedSet, int], MeasuredSet], real: MeasuredSet,
-                 cache: FeatureCache, reference_seeds: SeedSet = REFERENCE_SEEDS,
+                 cache: Union[FeatureCache, MemoryCache], reference_seeds: SeedSet = REFERENCE_SEEDS,
                  measure_seeds: SeedSet = MEASURE_SEEDS):
         check_disjoint(reference_seeds, measure_seeds)
         self.measure_teacher = measure_teacher
