@@ -45,6 +45,10 @@ DEFAULT_TARGET_MODULES: Tuple[str, ...] = (
 # the double blocks' MLPs; single blocks get LoRA on q/k/v only.
 REFERENCE_TARGET_MODULES: Tuple[str, ...] = DEFAULT_TARGET_MODULES[:12]
 
+# Attention only, the target set many field style LoRAs train: q/k/v/out of both streams in the double blocks,
+# q/k/v in the single blocks (whose attention output goes through proj_out together with the MLP).
+ATTENTION_TARGET_MODULES: Tuple[str, ...] = DEFAULT_TARGET_MODULES[:8]
+
 # Where the timestep reaches every block: the adaLN modulation linears (shift/scale/gate from the time-text
 # embedding) and the output projection. A few-step student must act differently from the teacher at the same
 # noise level (jump to a phase edge instead of predicting the velocity), which these layers express directly.
@@ -54,6 +58,7 @@ MODULATION_TARGET_MODULES: Tuple[str, ...] = (
 
 TARGET_MODULE_PRESETS: Dict[str, Tuple[str, ...]] = {
     "reference": REFERENCE_TARGET_MODULES,
+    "attention": ATTENTION_TARGET_MODULES,
     "extended": DEFAULT_TARGET_MODULES + MODULATION_TARGET_MODULES,
 }
 
@@ -61,7 +66,8 @@ TARGET_MODULE_PRESETS: Dict[str, Tuple[str, ...]] = {
 def resolve_target_modules(spec: str) -> Tuple[str, ...]:
     """Target patterns from a preset name or a comma-separated list of patterns.
 
-    Presets: ``reference`` (:data:`REFERENCE_TARGET_MODULES`), ``extended`` (:data:`DEFAULT_TARGET_MODULES` plus
+    Presets: ``reference`` (:data:`REFERENCE_TARGET_MODULES`), ``attention`` (:data:`ATTENTION_TARGET_MODULES`),
+    ``extended`` (:data:`DEFAULT_TARGET_MODULES` plus
     :data:`MODULATION_TARGET_MODULES`: every Linear of the blocks, the adaLN modulations and the output projection).
     """
     if spec.strip() in TARGET_MODULE_PRESETS:
@@ -441,7 +447,8 @@ def adapter_modules(model: nn.Layer, adapter_name: str) -> Dict[str, LoraAdapter
 
 
 __all__ = [
-    "DEFAULT_TARGET_MODULES", "REFERENCE_TARGET_MODULES", "MODULATION_TARGET_MODULES", "TARGET_MODULE_PRESETS",
+    "DEFAULT_TARGET_MODULES", "REFERENCE_TARGET_MODULES", "ATTENTION_TARGET_MODULES", "MODULATION_TARGET_MODULES",
+    "TARGET_MODULE_PRESETS",
     "resolve_target_modules", "LoraConfig", "LoraAdapter", "LoraLinear", "matches_target", "inject_lora",
     "inject_trainable_lora",
     "use_adapters", "set_live_adapters", "live_adapters", "adapter_names", "adapter_parameters", "adapter_modules",

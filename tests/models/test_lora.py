@@ -306,6 +306,10 @@ def test_target_presets_on_flux(flux):
     single_mlp = [f"single_transformer_blocks.{i}.{n}" for i in range(2) for n in ("proj_mlp", "proj_out")]
     assert sorted(extended) == sorted(reference + single_mlp + modulation)
     assert not isinstance(model.x_embedder, LoraLinear) and not isinstance(model.context_embedder, LoraLinear)
+    attention = inject_lora(model, LoraConfig(rank=2, alpha=2.0, target_modules=resolve_target_modules("attention")),
+                            "attention")
+    # 2 double blocks x q/k/v/out of both streams + 2 single blocks x q/k/v: the reference without the MLPs
+    assert sorted(attention) == sorted(name for name in reference if ".ff" not in name) and len(attention) == 22
     assert resolve_target_modules(" attn.to_q , proj_mlp ,") == ("attn.to_q", "proj_mlp")
     with pytest.raises(ValueError, match="preset"):
         resolve_target_modules(" , ")
