@@ -164,7 +164,7 @@ def save_curves_plot(rows: Sequence[dict], path) -> Optional[Path]:
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return Path(path)
 
@@ -177,7 +177,7 @@ def save_plot(rows: Sequence[dict], path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = plt.subplots(figsize=(11, 5))
     teacher = sorted((r["K"], r["excess"]) for r in rows if r["kind"] == "teacher")
     if teacher:
         axis.plot(*zip(*teacher), "k--o", label="teacher, Euler steps")
@@ -199,10 +199,10 @@ def save_plot(rows: Sequence[dict], path) -> Path:
     axis.set_xlabel("sampling steps")
     axis.set_ylabel("excess FID over the noise floor (lower is better)")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes: many rows
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path
 
