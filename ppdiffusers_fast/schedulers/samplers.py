@@ -84,13 +84,20 @@ def sample_euler(velocity_fn, x, sigmas, callback=None, progress=False):
     Returns:
         ``[B, ...]`` sample at level ``sigmas[-1]``.
     """
+    return _integrate(velocity_fn, x, sigmas, lambda i, x, sigma, sigma_next, velocity:
+                      euler_update(x, sigma, sigma_next, velocity), callback, progress)
+
+
+def _integrate(velocity_fn, x, sigmas, step_rule, callback, progress):
+    """The loop shared by the samplers: for each pair ``(s, s')`` of levels, ``v = velocity_fn(x, s_batch)`` and
+    ``x <- step_rule(i, x, s, s', v)``; ``callback`` as :func:`sample_euler` describes."""
     levels = _as_level_list(sigmas)
     batch = x.shape[0]
     steps = list(zip(levels[:-1], levels[1:]))
     for i, (sigma, sigma_next) in enumerate(tqdm(steps, desc="sampling", disable=not progress)):
         sigma_batch = sigma if isinstance(sigma, paddle.Tensor) else paddle.full([batch], sigma, dtype="float32")
         velocity = velocity_fn(x, sigma_batch)
-        x_next = euler_update(x, sigma, sigma_next, velocity)
+        x_next = step_rule(i, x, sigma, sigma_next, velocity)
         if callback is not None:
             callback({"i": i, "sigma": sigma, "sigma_next": sigma_next, "x": x_next, "velocity": velocity,
                       "denoised": schedules.x0_from_velocity(x.astype("float32"), sigma,
@@ -138,23 +145,12 @@ def sample_x0_renoise(velocity_fn, x, sigmas, noise_fn, callback=None, progress=
     Returns:
         ``[B, ...]`` sample at level ``sigmas[-1]``.
     """
-    levels = _as_level_list(sigmas)
-    batch = x.shape[0]
-    steps = list(zip(levels[:-1], levels[1:]))
-    for i, (sigma, sigma_next) in enumerate(tqdm(steps, desc="sampling", disable=not progress)):
-        sigma_batch = sigma if isinstance(sigma, paddle.Tensor) else paddle.full([batch], sigma, dtype="float32")
-        velocity = velocity_fn(x, sigma_batch)
-        last = not isinstance(sigma_next, paddle.Tensor) and sigma_next == 0.0
-        if last:
-            x_next = euler_update(x, sigma, sigma_next, velocity)
-        else:
-            x_next = renoise_update(x, sigma, sigma_next, velocity, noise_fn(i, list(x.shape)))
-        if callback is not None:
-            callback({"i": i, "sigma": sigma, "sigma_next": sigma_next, "x": x_next, "velocity": velocity,
-                      "denoised": schedules.x0_from_velocity(x.astype("float32"), sigma,
-                                                             velocity.astype("float32"))})
-        x = x_next
-    return x
+    def step_rule(i, x, sigma, sigma_next, velocity):
+        if not isinstance(sigma_next, paddle.Tensor) and sigma_next == 0.0:  # the last step: no noise to add
+            return euler_update(x, sigma, sigma_next, velocity)
+        return renoise_update(x, sigma, sigma_next, velocity, noise_fn(i, list(x.shape)))
+
+    return _integrate(velocity_fn, x, sigmas, step_rule, callback, progress)
 
 
 def sampler_name(sampling_metadata) -> str:
